@@ -93,7 +93,9 @@ def _coerce(value: Any, tp: Any, where: str, source: str, section: str | None = 
                 return _coerce(value, option, where, source, section)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: '{where}' = {value!r} fits none of {tp}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{source}: '{where}' = {value!r} fits none of {tp}"
+        )
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{source}: '{where}' must be one of {list(args)}, got {value!r}")
@@ -173,7 +175,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{source}: invalid {cls.__name__}{' at ' + prefix.rstrip('.') if prefix else ''}: {e}")
+        where = f" at {prefix.rstrip('.')}" if prefix else ""
+        raise ConfigError(f"{source}: invalid {cls.__name__}{where}: {e}") from None
 
 
 def to_dict(cfg: Any) -> Any:

@@ -96,7 +96,9 @@ def encode_sample(
     feature = np.asarray(feature)
     feature_flip = np.asarray(feature_flip)
     if feature.ndim != 1 or feature.shape != feature_flip.shape:
-        raise ValueError(f"sample {key}: features must be (D,) and alike, got {feature.shape}, {feature_flip.shape}")
+        raise ValueError(
+            f"sample {key}: features must be (D,) and alike, got {feature.shape}, {feature_flip.shape}"
+        )
     out: dict[str, bytes | str] = {
         "__key__": key,
         "png": images.encode_png(image),
@@ -114,7 +116,9 @@ def decode_sample(raw: dict[str, Any]) -> FeatureSample:
     key = raw["__key__"]
     missing = [m for m in ("png", "feat.npy", "feat_flip.npy") if m not in raw]
     if missing:
-        raise ManifestError(f"sample {key} in {raw.get('__url__', '?')} lacks {missing}: not an RCDM feature shard")
+        raise ManifestError(
+            f"sample {key} in {raw.get('__url__', '?')} lacks {missing}: not an RCDM feature shard"
+        )
     label = raw.get("cls")
     return FeatureSample(
         key=key,
@@ -205,7 +209,9 @@ def check_manifest(
     if encoder is not None and enc["name"] != encoder:
         problems.append(f"encoder {enc['name']!r} (expected {encoder!r})")
     if head is not None and bool(enc.get("head")) != bool(head):
-        problems.append(f"{'head' if enc.get('head') else 'trunk'} features (expected {'head' if head else 'trunk'})")
+        problems.append(
+            f"{'head' if enc.get('head') else 'trunk'} features (expected {'head' if head else 'trunk'})"
+        )
     if feature_dim is not None and int(enc["feature_dim"]) != int(feature_dim):
         problems.append(f"{enc['feature_dim']}-d features (expected {feature_dim}-d)")
     if image_size is not None and int(manifest["image"]["size"]) != int(image_size):
@@ -213,5 +219,7 @@ def check_manifest(
     if problems:
         kind = f"{enc['name']}/{'head' if enc.get('head') else 'trunk'}"
         raise ManifestError(
-            f"{root} were made with {kind} and hold " + ", ".join(problems) + (f": {fix_hint}" if fix_hint else "")
+            f"{root} were made with {kind} and hold "
+            + ", ".join(problems)
+            + (f": {fix_hint}" if fix_hint else "")
         )

@@ -54,7 +54,9 @@ def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on the loopback S3 server; returns ``s3://<bucket>``."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server["endpoint"], key="test", secret="test", skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=s3_server["endpoint"], key="test", secret="test", skip_instance_cache=True
+    )
     name = f"test-{uuid.uuid4().hex[:12]}"
     fs.mkdir(name)
     return f"s3://{name}"

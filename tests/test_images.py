@@ -39,7 +39,15 @@ def test_center_crop_matches_adm_rule():
 
 @pytest.mark.parametrize(
     "mode, fmt",
-    [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("P", "PNG"), ("I;16", "PNG"), ("1", "PNG"), ("LA", "PNG")],
+    [
+        ("L", "PNG"),
+        ("RGBA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("P", "PNG"),
+        ("I;16", "PNG"),
+        ("1", "PNG"),
+        ("LA", "PNG"),
+    ],
 )
 def test_every_mode_becomes_rgb(mode, fmt):
     base = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 50, 3), dtype=np.uint8))

@@ -70,14 +70,21 @@ def test_bad_samples_are_refused():
 def _manifest(**enc):
     base = {"name": "dino", "head": False, "feature_dim": 2048}
     base.update(enc)
-    return {"format": shards.FORMAT, "encoder": base, "image": {"size": 128}, "shards": [{"name": "shards/000000.tar"}]}
+    return {
+        "format": shards.FORMAT,
+        "encoder": base,
+        "image": {"size": 128},
+        "shards": [{"name": "shards/000000.tar"}],
+    }
 
 
 def test_check_manifest_names_what_differs():
     m = _manifest()
     shards.check_manifest(m, feature_dim=2048, image_size=128, encoder="dino", head=False)
     with pytest.raises(shards.ManifestError, match=r"dino/trunk and hold 2048-d features \(expected 256-d\)"):
-        shards.check_manifest(m, feature_dim=256, root="shards at X", fix_hint="pass --set model.feature_dim=2048")
+        shards.check_manifest(
+            m, feature_dim=256, root="shards at X", fix_hint="pass --set model.feature_dim=2048"
+        )
     with pytest.raises(shards.ManifestError, match=r"128px images \(expected 32px\)"):
         shards.check_manifest(m, image_size=32)
 
