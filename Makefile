@@ -14,7 +14,7 @@ FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup weights data test test-slow lint format bench clean encoders features train sample \
+.PHONY: setup weights data prepare-data test test-slow lint format bench clean encoders features train sample \
         interpolate manipulate evaluate demo batch-sample
 
 # --- set-up ---------------------------------------------------------------------------------------
@@ -41,6 +41,14 @@ data:
 	  echo "FashionMNIST is not in $(FASHION_DIR) and apt-get could not install dataset-fashion-mnist;" \
 	       "stage one will try torchvision's downloader (needs network)."
 
+# The embedded default as an image tree: data/fashion-mnist/{train,test}/<class>/*.png
+DEMO_DATA := data/fashion-mnist
+prepare-data: $(DEMO_DATA)/.done
+
+$(DEMO_DATA)/.done: | $(STAMP)
+	$(MAKE) --no-print-directory data
+	$(PY) -m stages.prepare_data fashion-mnist --out $(DEMO_DATA) --train 10000 --test 1000
+
 # --- checks ---------------------------------------------------------------------------------------
 test: setup weights data
 	$(PY) -m pytest -q $(ARGS)
@@ -66,3 +74,69 @@ bench: setup weights
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# --- stages ---------------------------------------------------------------------------------------
+# `--set` pieces from make variables; an empty variable leaves the config's value.
+set = $(if $(strip $(2)),$(1)=$(2))
+sets = $(strip $(foreach kv,$(1),$(kv)))
+SET_ARGS = $(if $(strip $(SETS)),--set $(strip $(SETS)))
+
+# Stage one. Without DATA it runs on the embedded default (FashionMNIST) with its preset.
+FEATURES_CONFIG ?= $(if $(DATA),configs/features/default.yaml,configs/features/demo.yaml)
+FEATURES_OUT ?= $(if $(OUT),$(OUT),$(if $(ENCODER),runs/features/$(ENCODER)$(if $(HEAD),-head)/$(if $(DATA),data,train)))
+features: SETS = $(call set,encoder.name,$(ENCODER)) \
+	$(if $(and $(ENCODER),$(if $(DATA),,x)),$(if $(filter mobilenet_v2,$(ENCODER)),,encoder.input_size=null)) \
+	$(if $(HEAD),encoder.head=true) $(call set,data,$(DATA)) $(call set,out,$(FEATURES_OUT)) \
+	$(call set,encoder.weights,$(WEIGHTS)) $(call set,image_size,$(IMAGE_SIZE)) \
+	$(call set,shard_size,$(SHARD_SIZE)) $(call set,ray_address,$(RAY_ADDRESS))
+features: setup weights $(if $(DATA),,prepare-data)
+	$(PY) -m stages.features --config $(FEATURES_CONFIG) $(SET_ARGS) $(ARGS)
+
+# Stage two (torchrun; gloo on CPU, nccl on GPU). Without SHARDS it trains on the embedded default's
+# shards, running stage one first when they are missing.
+CONFIG ?= configs/train/tiny.yaml
+DEFAULT_SHARDS := runs/features/mobilenet_v2/train
+MASTER_PORT ?= 29500
+TORCHRUN = $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) \
+	$(if $(NNODES),--nnodes=$(NNODES) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT),--standalone)
+train: SETS = $(call set,data.shards,$(SHARDS)) $(call set,out,$(OUT)) $(call set,steps,$(STEPS)) \
+	$(call set,data.batch_size,$(BATCH)) $(call set,ckpt_every,$(CKPT_EVERY)) $(call set,seed,$(SEED))
+train: setup
+	$(if $(SHARDS),,test -f $(DEFAULT_SHARDS)/manifest.json || $(MAKE) --no-print-directory features ENCODER=mobilenet_v2 OUT= DATA= ARGS=)
+	$(TORCHRUN) -m stages.train --config $(CONFIG) $(SET_ARGS) $(ARGS)
+
+# Sampling stages.
+SAMPLER_SETS = $(call set,checkpoint,$(CHECKPOINT)) $(call set,out,$(OUT)) $(call set,encoder.name,$(ENCODER)) \
+	$(call set,encoder.weights,$(WEIGHTS)) $(call set,sampler.name,$(SAMPLER)) $(call set,sampler.steps,$(STEPS)) \
+	$(call set,seed,$(SEED)) $(call set,sampler.guidance,$(GUIDANCE))
+sample: SETS = $(SAMPLER_SETS) $(call set,images,$(IMAGES)) $(call set,n,$(N)) $(call set,features,$(FEATURES)) \
+	$(if $(KEYS),keys=[$(KEYS)])
+sample: setup
+	$(PY) -m stages.sample --config configs/sample/default.yaml $(SET_ARGS) $(ARGS)
+
+interpolate: SETS = $(SAMPLER_SETS) $(call set,first,$(FIRST)) $(call set,second,$(SECOND)) \
+	$(call set,steps_r,$(STEPS_R)) $(call set,mode,$(MODE))
+interpolate: setup
+	$(PY) -m stages.interpolate --config configs/interpolate/default.yaml $(SET_ARGS) $(ARGS)
+
+manipulate: SETS = $(SAMPLER_SETS) $(call set,source,$(SOURCE)) $(call set,target,$(TARGET)) \
+	$(call set,neighbours,$(NEIGHBOURS)) $(call set,k,$(K)) $(call set,common,$(COMMON))
+manipulate: setup
+	$(PY) -m stages.manipulate --config configs/manipulate/default.yaml $(SET_ARGS) $(ARGS)
+
+evaluate: SETS = $(call set,checkpoint,$(CHECKPOINT)) $(call set,out,$(OUT))
+evaluate: setup
+	$(PY) -m stages.evaluate --config configs/evaluate/default.yaml $(SET_ARGS) $(ARGS)
+
+batch-sample: SETS = $(call set,checkpoint,$(CHECKPOINT)) $(call set,features,$(FEATURES)) $(call set,out,$(OUT)) \
+	$(call set,n,$(N)) $(call set,sampler.name,$(SAMPLER)) $(call set,sampler.steps,$(STEPS)) \
+	$(call set,ray_address,$(RAY_ADDRESS))
+batch-sample: setup
+	$(PY) -m pipelines.batch_sample --config configs/batch_sample/default.yaml $(SET_ARGS) $(ARGS)
+
+encoders: setup
+	$(PY) -m stages.encoders list
+
+# The whole pipeline on the embedded default: data, stage one, stage two, sampling, evaluation.
+demo: setup weights prepare-data
+	$(PY) -m pipelines.demo $(ARGS)
