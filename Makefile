@@ -108,9 +108,8 @@ train: setup
 # Sampling stages.
 SAMPLER_SETS = $(call set,checkpoint,$(CHECKPOINT)) $(call set,out,$(OUT)) $(call set,encoder.name,$(ENCODER)) \
 	$(call set,encoder.weights,$(WEIGHTS)) $(call set,sampler.name,$(SAMPLER)) $(call set,sampler.steps,$(STEPS)) \
-	$(call set,seed,$(SEED)) $(call set,sampler.guidance,$(GUIDANCE))
-sample: SETS = $(SAMPLER_SETS) $(call set,images,$(IMAGES)) $(call set,n,$(N)) $(call set,features,$(FEATURES)) \
-	$(if $(KEYS),keys=[$(KEYS)])
+	$(call set,seed,$(SEED)) $(call set,sampler.guidance,$(GUIDANCE)) $(call set,n,$(N))
+sample: SETS = $(SAMPLER_SETS) $(call set,images,$(IMAGES)) $(call set,features,$(FEATURES)) $(if $(KEYS),keys=[$(KEYS)])
 sample: setup
 	$(PY) -m stages.sample --config configs/sample/default.yaml $(SET_ARGS) $(ARGS)
 
@@ -120,7 +119,8 @@ interpolate: setup
 	$(PY) -m stages.interpolate --config configs/interpolate/default.yaml $(SET_ARGS) $(ARGS)
 
 manipulate: SETS = $(SAMPLER_SETS) $(call set,source,$(SOURCE)) $(call set,target,$(TARGET)) \
-	$(call set,neighbours,$(NEIGHBOURS)) $(call set,k,$(K)) $(call set,common,$(COMMON))
+	$(call set,neighbours,$(NEIGHBOURS)) $(call set,k,$(K)) $(call set,common,$(COMMON)) \
+	$(call set,rule,$(RULE)) $(call set,top_m,$(TOP_M))
 manipulate: setup
 	$(PY) -m stages.manipulate --config configs/manipulate/default.yaml $(SET_ARGS) $(ARGS)
 

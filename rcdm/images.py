@@ -101,7 +101,7 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
 
 def to_model(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (H, W, 3) or (N, H, W, 3) -> float32 (3, H, W) or (N, 3, H, W) in [-1, 1]."""
-    t = torch.as_tensor(np.asarray(arr))
+    t = torch.as_tensor(np.array(arr))  # a copy: PIL-backed arrays are read-only
     t = t.permute(2, 0, 1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
     return t.float().div(127.5).sub(1.0).contiguous()
 

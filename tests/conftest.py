@@ -7,6 +7,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tests run tiny models: one thread avoids OpenMP spin-waiting, which costs far more than it gains on
+# small tensors, and subprocesses (torchrun, Ray workers) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 

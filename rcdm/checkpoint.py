@@ -1,0 +1,294 @@
+"""Checkpoints: our training checkpoints, and the released RCDM weights.
+
+Our checkpoint is ONE file per save, ``<run>/checkpoints/ckpt_<step:07d>.pt``, holding plain tensors and
+containers only (so ``torch.load(weights_only=True)`` reads it and a checkpoint can never execute code)::
+
+    {"format": "rcdm-checkpoint/1", "step": int, "model": state_dict, "ema": {"0.9999": state_dict},
+     "optimizer": state_dict, "rng": {...}, "config": resolved TrainConfig as a dict, "encoder": {...}}
+
+The file is written to a temporary name and renamed (locally) or uploaded whole (object stores); the
+``latest`` pointer (a text file naming the checkpoint) is written after it, so a reader following the
+pointer always finds a complete file, and a crash during a save leaves the previous checkpoint intact.
+
+The released RCDM models (Bordes et al., 2022) are plain state dicts of EMA weights in guided-diffusion's
+layout plus ``ssl_emb``. Their weights are released under the CC-BY-NC 4.0 licence (non-commercial use).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rcdm import storage
+from rcdm.config import from_dict, load_config, preset_path
+
+FORMAT = "rcdm-checkpoint/1"
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+_CKPT_RE = re.compile(r"^ckpt_(\d{7,})\.pt$")
+
+RELEASED_BASE_URL = "https://dl.fbaipublicfiles.com/rcdm/"
+RELEASED_LICENCE = "CC-BY-NC 4.0 (non-commercial use only)"
+# name -> (file, encoder name, head)
+RELEASED: dict[str, tuple[str, str, bool]] = {
+    "simclr-trunk": ("rcdm_ema_simclr_trunk.pt", "simclr", False),
+    "simclr-head": ("rcdm_ema_simclr_head.pt", "simclr", True),
+    "barlow-trunk": ("rcdm_ema_barlow_trunk.pt", "barlow", False),
+    "barlow-head": ("rcdm_ema_barlow_head.pt", "barlow", True),
+    "vicreg-trunk": ("rcdm_ema_vicreg_trunk.pt", "vicreg", False),
+    "vicreg-head": ("rcdm_ema_vicreg_head.pt", "vicreg", True),
+    "dino-trunk": ("rcdm_ema_dino_trunk.pt", "dino", False),
+    "dino-head": ("rcdm_ema_dino_head.pt", "dino", True),
+    "supervised": ("rcdm_ema_supervised.pt", "supervised", False),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+# --- our training checkpoints ---------------------------------------------------------------------
+
+
+def checkpoint_url(run: str, step: int) -> str:
+    return storage.join(run, CKPT_DIR, f"ckpt_{step:07d}.pt")
+
+
+def _save_atomic(obj: Any, url: str) -> None:
+    """torch.save ``obj`` to ``url`` without ever exposing a partial file."""
+    if storage.is_local(url):
+        path = storage.strip_file_scheme(url)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
+        torch.save(obj, tmp)
+        tmp.flush()
+        fs, path = storage.url_to_fs(url)
+        storage.retry(lambda: fs.put_file(tmp.name, path), url)
+
+
+def list_checkpoints(run: str) -> list[tuple[int, str]]:
+    """(step, url) of every complete checkpoint in ``run``, oldest first."""
+    folder = storage.join(run, CKPT_DIR)
+    found = []
+    for name in storage.listdir(folder):
+        m = _CKPT_RE.match(name)
+        if m:
+            found.append((int(m.group(1)), storage.join(folder, name)))
+    return sorted(found)
+
+
+def save_checkpoint(run: str, state: dict[str, Any], keep_last: int | None = None) -> str:
+    """Write ``state`` (must hold "step") as a new checkpoint of ``run``; update ``latest``; prune.
+
+    Returns the checkpoint's URL. ``keep_last`` keeps only that many newest checkpoints.
+    """
+    step = int(state["step"])
+    url = checkpoint_url(run, step)
+    _save_atomic({"format": FORMAT, **state}, url)
+    storage.write_text_atomic(storage.join(run, CKPT_DIR, LATEST), os.path.basename(url) + "\n")
+    if keep_last is not None and keep_last > 0:
+        for _, old in list_checkpoints(run)[:-keep_last]:
+            storage.remove(old)
+    return url
+
+
+def latest_checkpoint(run: str) -> str | None:
+    """The newest complete checkpoint of ``run`` (None when there is none).
+
+    Every listed file is complete (writes are atomic); the ``latest`` pointer may lag one save behind
+    the newest file after a crash between the two writes, so the listing decides.
+    """
+    found = list_checkpoints(run)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file with ``weights_only=True``: tensors and plain containers, never code."""
+    if not storage.exists(url):
+        raise CheckpointError(f"checkpoint {url} does not exist")
+    data = storage.read_bytes(url)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors have many types
+        raise CheckpointError(
+            f"{url} is not a loadable weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "files that need arbitrary code to load are refused"
+        ) from None
+
+
+# --- released RCDM weights ------------------------------------------------------------------------
+
+
+def released_cache_path(name: str) -> Path:
+    """Where the released file ``name`` is looked for (and downloaded to): the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / RELEASED[name][0]
+
+
+def fetch_released(name: str) -> Path:
+    """The local path of released model ``name``, downloading it when absent and the network allows."""
+    if name not in RELEASED:
+        raise CheckpointError(f"unknown released RCDM model '{name}': known names are {sorted(RELEASED)}")
+    path = released_cache_path(name)
+    if path.is_file():
+        return path
+    url = RELEASED_BASE_URL + RELEASED[name][0]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=True)
+    except Exception as e:  # noqa: BLE001 - any network failure means "offline"
+        raise CheckpointError(
+            f"released model '{name}' is not in the cache and could not be downloaded ({type(e).__name__}). "
+            f"Fetch {url} and put it at {path} (weights licence: {RELEASED_LICENCE})"
+        ) from None
+    return path
+
+
+# --- building a UNet from a checkpoint ------------------------------------------------------------
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(
+    model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, hint: str = ""
+) -> None:
+    """Raise a short CheckpointError naming missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches: {show(shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} keys missing from the checkpoint: {show(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
+    raise CheckpointError(
+        f"{source} does not fit the model config: " + "; ".join(parts) + (f". {hint}" if hint else "")
+    )
+
+
+def released_config(sd: dict[str, torch.Tensor], base: Any | None = None) -> Any:
+    """The UNetConfig of a released state dict: ``base`` (default: the rcdm128 preset) with
+    ``feature_dim`` read from ``ssl_emb.weight`` (None when the state dict has no ``ssl_emb``)."""
+    from rcdm.unet import UNetConfig
+
+    if base is None:
+        base = load_config(UNetConfig, preset_path("model", "rcdm128"))
+    dim = int(sd["ssl_emb.weight"].shape[1]) if "ssl_emb.weight" in sd else None
+    return replace(base, feature_dim=dim)
+
+
+def _resolve(path_or_name: str) -> tuple[str, str | None]:
+    """(file url, released name or None) for a released name, a run folder or a checkpoint file."""
+    if path_or_name in RELEASED:
+        return str(fetch_released(path_or_name)), path_or_name
+    if storage.exists(storage.join(path_or_name, CKPT_DIR)):
+        latest = latest_checkpoint(path_or_name)
+        if latest is None:
+            raise CheckpointError(f"training run {path_or_name} has no complete checkpoint yet")
+        return latest, None
+    if storage.exists(path_or_name) and not path_or_name.endswith("/"):
+        fs, p = storage.url_to_fs(path_or_name)
+        if not fs.isdir(p):
+            return path_or_name, None
+    raise CheckpointError(
+        f"'{path_or_name}' is neither a checkpoint file, a training run folder, nor a released model name "
+        f"({', '.join(sorted(RELEASED))})"
+    )
+
+
+def load_unet(
+    path_or_name: str,
+    config: Any | None = None,
+    ema_rate: str | None = "auto",
+    map_location: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A UNet with weights from one of our checkpoints, a run folder (its newest) or a released model.
+
+    ``config`` (a UNetConfig) overrides the architecture; by default ours come with their own and
+    released state dicts use the ``rcdm128`` preset with ``feature_dim`` read from ``ssl_emb.weight``.
+    ``ema_rate``: "auto" = the first EMA of our checkpoints, a rate string such as "0.9999", or None for
+    the raw (non-EMA) weights. Returns (model in eval mode, info) where info holds ``kind`` ("ours" or
+    "released"), ``source``, ``step``, ``config`` (the model config dict), ``encoder`` (dict or None) and,
+    for ours, the full training ``train_config``.
+    """
+    from rcdm.unet import UNet, UNetConfig
+
+    url, released = _resolve(path_or_name)
+    ckpt = load_checkpoint(url, map_location)
+    info: dict[str, Any] = {"source": url, "step": None, "encoder": None, "train_config": None}
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        info["kind"] = "ours"
+        info["step"] = ckpt.get("step")
+        info["train_config"] = ckpt.get("config")
+        info["encoder"] = ckpt.get("encoder")
+        if config is None:
+            config = from_dict(UNetConfig, ckpt["config"]["model"], source=f"{url} (stored config)")
+        emas = ckpt.get("ema") or {}
+        if ema_rate == "auto":
+            sd = emas[next(iter(emas))] if emas else ckpt["model"]
+        elif ema_rate is None:
+            sd = ckpt["model"]
+        elif ema_rate in emas:
+            sd = emas[ema_rate]
+        else:
+            raise CheckpointError(f"{url} has no EMA at rate {ema_rate}; it has {sorted(emas)}")
+        hint = "its stored config describes it; do not override the model config"
+    else:
+        if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            raise CheckpointError(f"{url} is neither an RCDM training checkpoint nor a plain state dict")
+        info["kind"] = "released"
+        sd = _strip_prefix(ckpt, "module.")
+        if config is None:
+            config = released_config(sd)
+        if released is not None:
+            _, enc, head = RELEASED[released]
+            info["encoder"] = {"name": enc, "head": head}
+        hint = "pass the model config it was trained with (e.g. --set model=<preset> or model.<key>=...)"
+    model = UNet(config)
+    check_state_dict(model, sd, url, hint)
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    info["config"] = _config_dict(config)
+    return model, info
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    from rcdm.config import to_dict
+
+    return to_dict(config)
