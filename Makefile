@@ -100,7 +100,8 @@ MASTER_PORT ?= 29500
 TORCHRUN = $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) \
 	$(if $(NNODES),--nnodes=$(NNODES) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT),--standalone)
 train: SETS = $(call set,data.shards,$(SHARDS)) $(call set,out,$(OUT)) $(call set,steps,$(STEPS)) \
-	$(call set,data.batch_size,$(BATCH)) $(call set,ckpt_every,$(CKPT_EVERY)) $(call set,seed,$(SEED))
+	$(call set,data.batch_size,$(BATCH)) $(call set,ckpt_every,$(CKPT_EVERY)) $(call set,seed,$(SEED)) \
+	$(call set,resume,$(RESUME))
 train: setup
 	$(if $(SHARDS),,test -f $(DEFAULT_SHARDS)/manifest.json || $(MAKE) --no-print-directory features ENCODER=mobilenet_v2 OUT= DATA= ARGS=)
 	$(TORCHRUN) -m stages.train --config $(CONFIG) $(SET_ARGS) $(ARGS)

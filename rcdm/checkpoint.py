@@ -106,10 +106,24 @@ def save_checkpoint(run: str, state: dict[str, Any], keep_last: int | None = Non
     url = checkpoint_url(run, step)
     _save_atomic({"format": FORMAT, **state}, url)
     storage.write_text_atomic(storage.join(run, CKPT_DIR, LATEST), os.path.basename(url) + "\n")
+    _remove_stale_temps(run)
     if keep_last is not None and keep_last > 0:
         for _, old in list_checkpoints(run)[:-keep_last]:
             storage.remove(old)
     return url
+
+
+def _remove_stale_temps(run: str) -> None:
+    """Delete temp files a killed save left behind (never visible as checkpoints, but they take space)."""
+    folder = storage.local_path(storage.join(run, CKPT_DIR))
+    if folder is None or not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(".ckpt_") and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
 
 
 def latest_checkpoint(run: str) -> str | None:

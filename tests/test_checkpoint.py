@@ -75,6 +75,10 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["ckpt_0000001.pt", "latest"]
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["step"] == 1
+    stale = tmp_path / "run" / "checkpoints" / ".ckpt_0000002.pt.abc.tmp"
+    stale.write_bytes(b"left by a killed save")
+    ckpt.save_checkpoint(run, _state(model, cfg, 3))
+    assert not stale.exists()
 
 
 class _Payload:
