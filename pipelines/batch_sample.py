@@ -38,7 +38,6 @@ from every node (object store or shared file system): actors write the tars, the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import io
 import json
@@ -56,8 +55,9 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 
 from rcdm import images, shards, storage
-from rcdm.config import ConfigError, from_dict, load_config, preset_path, to_dict
-from rcdm.diffusion import DiffusionConfig, build_diffusion
+from rcdm.config import ConfigError, to_dict
+from rcdm.diffusion import build_diffusion
+from rcdm.samplers import SamplerConfig
 from stages.cli import add_config_args, config_from_args, fail
 
 DEFAULT_CONFIG = "configs/batch_sample/default.yaml"
@@ -79,16 +79,6 @@ class BatchSampleAborted(RuntimeError):
 
 
 # --- configuration --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """How each sample is drawn (rcdm.samplers.sample): sampler, respaced steps, DDIM eta, CFG scale."""
-
-    name: Literal["ddim", "ancestral", "dpm++"] = "ddim"
-    steps: Union[int, str] = 50  # an int keeps that many evenly spaced steps; or a spec such as "ddim25"
-    eta: float = 0.0
-    guidance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -266,22 +256,6 @@ def sample_key(item: int, j: int) -> str:
 # --- the actor ------------------------------------------------------------------------------------
 
 
-def diffusion_config(info: dict[str, Any], learn_sigma: bool) -> DiffusionConfig:
-    """The diffusion a checkpoint was trained with (ours store it: a dict or a preset name); released
-    RCDM models use ADM's (configs/diffusion/default.yaml). Sampling respaces it, so no respacing here."""
-    stored = (info.get("train_config") or {}).get("diffusion")
-    if isinstance(stored, dict):
-        cfg = from_dict(DiffusionConfig, stored, source=f"{info['source']} (stored diffusion config)")
-    else:
-        cfg = load_config(DiffusionConfig, preset_path("diffusion", stored or "default"))
-    if cfg.learn_sigma != learn_sigma:
-        raise BatchSampleError(
-            f"{info['source']}: the model has learn_sigma={learn_sigma} but its diffusion config says "
-            f"{cfg.learn_sigma}; the checkpoint is inconsistent"
-        )
-    return dataclasses.replace(cfg, timestep_respacing="")
-
-
 class SampleWorker:
     """Holds one model (loaded once) and turns work units into output tars plus done markers.
 
@@ -311,17 +285,12 @@ class SampleWorker:
             self.error = f"cannot load checkpoint {checkpoint}: {type(e).__name__}: {e}"
 
     def _load(self) -> None:
-        from rcdm.checkpoint import load_unet
+        from rcdm.checkpoint import diffusion_config_of, load_unet
         from rcdm.samplers import respace
 
-        ema = (
-            self.cfg.ema_rate
-            if self.cfg.ema_rate is None or isinstance(self.cfg.ema_rate, str)
-            else repr(self.cfg.ema_rate)
-        )
-        model, info = load_unet(self.checkpoint, ema_rate=ema, map_location="cpu")
+        model, info = load_unet(self.checkpoint, ema_rate=self.cfg.ema_rate, map_location="cpu")
         self.model = model.to(self.device).eval().requires_grad_(False)
-        diff_cfg = diffusion_config(info, bool(info["config"]["learn_sigma"]))
+        diff_cfg = diffusion_config_of(info)
         self.diffusion = build_diffusion(diff_cfg)
         try:
             respace(self.diffusion, self.cfg.sampler.steps)  # a bad steps spec fails here, before any unit
@@ -443,22 +412,14 @@ class _Counter:
 
 
 def _resolve_checkpoint(name: str) -> str:
-    """A concrete checkpoint (a run folder's newest file now), so every actor loads the same weights."""
-    from rcdm import checkpoint as ckpt
+    """A concrete checkpoint (a run folder's newest file now), so every actor loads the same weights; a
+    released name stays a name, fetched by each actor where it runs."""
+    from rcdm.checkpoint import CheckpointError, resolve_checkpoint
 
-    if name in ckpt.RELEASED:
-        return name
-    if storage.exists(storage.join(name, ckpt.CKPT_DIR)):
-        latest = ckpt.latest_checkpoint(name)
-        if latest is None:
-            raise BatchSampleError(f"checkpoint: training run {name} has no complete checkpoint yet")
-        return latest
-    if storage.exists(name):
-        return name
-    raise BatchSampleError(
-        f"checkpoint: {name} does not exist; pass a checkpoint file, a training run folder or a released "
-        f"model name ({', '.join(sorted(ckpt.RELEASED))})"
-    )
+    try:
+        return resolve_checkpoint(name, fetch=False)
+    except CheckpointError as e:
+        raise BatchSampleError(f"checkpoint: {e}") from None
 
 
 def _identity(cfg: BatchSampleConfig, checkpoint: str, source: FeatureSet) -> dict[str, Any]:

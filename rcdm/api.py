@@ -23,7 +23,6 @@ uses ``sample_seed(seed, 0, j)``, so the pictures differ only through the condit
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -36,9 +35,9 @@ from PIL import Image
 from torch import Tensor
 
 from rcdm import editing, images, samplers, shards, storage
-from rcdm.checkpoint import load_unet
-from rcdm.config import from_dict, load_config, preset_path
-from rcdm.diffusion import DiffusionConfig, GaussianDiffusion, build_diffusion
+from rcdm.checkpoint import diffusion_config_of, load_unet
+from rcdm.config import load_config, preset_path
+from rcdm.diffusion import GaussianDiffusion, build_diffusion
 from rcdm.encoders import Encoder, get_spec, load_encoder
 
 ImageLike = Union[str, os.PathLike, Image.Image]
@@ -309,7 +308,7 @@ class RCDM:
         head: bool | None = None,
         input_size: int | None = None,
         model_config: Any | None = None,
-        ema_rate: str | None = "auto",
+        ema_rate: str | float | None = "auto",
         eta: float = 0.0,
         batch_size: int = 16,
         precision: str = "fp32",
@@ -328,7 +327,7 @@ class RCDM:
         if isinstance(model_config, str):
             model_config = load_config(UNetConfig, preset_path("model", model_config))
         model, info = load_unet(name_or_path, config=model_config, ema_rate=ema_rate)
-        diffusion = build_diffusion(_diffusion_config(info, model.cfg.learn_sigma))
+        diffusion = build_diffusion(diffusion_config_of(info))
         feature_dim = model.cfg.feature_dim
         if isinstance(encoder, Encoder):
             if feature_dim is not None and encoder.feature_dim != feature_dim:
@@ -635,23 +634,6 @@ def to_pil(x: Tensor) -> list[list[Image.Image]]:
 
 
 # --- checkpoint helpers ---------------------------------------------------------------------------
-
-
-def _diffusion_config(info: dict[str, Any], learn_sigma: bool) -> DiffusionConfig:
-    """The diffusion the checkpoint was trained with (ours store it); released ones use ADM's default."""
-    stored = (info.get("train_config") or {}).get("diffusion")
-    if isinstance(stored, str):
-        cfg = load_config(DiffusionConfig, preset_path("diffusion", stored))
-    elif isinstance(stored, dict):
-        cfg = from_dict(DiffusionConfig, stored, source=f"{info['source']} (stored diffusion config)")
-    else:
-        cfg = load_config(DiffusionConfig, preset_path("diffusion", "default"))
-    if cfg.learn_sigma != learn_sigma:
-        raise RCDMError(
-            f"{info['source']}: the model has learn_sigma={learn_sigma} but its diffusion config says "
-            f"{cfg.learn_sigma}; the checkpoint is inconsistent"
-        )
-    return dataclasses.replace(cfg, timestep_respacing="")
 
 
 def _dim_message(info: dict[str, Any], feature_dim: int | None, key: str, dim: int) -> str:

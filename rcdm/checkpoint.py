@@ -28,6 +28,8 @@ import torch
 
 from rcdm import storage
 from rcdm.config import from_dict, load_config, preset_path
+from rcdm.diffusion import DiffusionConfig
+from rcdm.ema import rate_key
 
 FORMAT = "rcdm-checkpoint/1"
 CKPT_DIR = "checkpoints"
@@ -227,43 +229,68 @@ def released_config(sd: dict[str, torch.Tensor], base: Any | None = None) -> Any
     return replace(base, feature_dim=dim)
 
 
-def _resolve(path_or_name: str) -> tuple[str, str | None]:
-    """(file url, released name or None) for a released name, a run folder or a checkpoint file."""
+def resolve_checkpoint(path_or_name: str, fetch: bool = True) -> str:
+    """The one checkpoint file ``path_or_name`` stands for, fixed now: a checkpoint file as given, a training
+    run folder's newest complete checkpoint (so later loads see these weights even while training saves
+    more), or a released name's cached file (downloaded when absent); with ``fetch=False`` a released
+    name is returned as is, for each loader to fetch where it runs (``load_unet`` takes both)."""
     if path_or_name in RELEASED:
-        return str(fetch_released(path_or_name)), path_or_name
+        return str(fetch_released(path_or_name)) if fetch else path_or_name
     if storage.exists(storage.join(path_or_name, CKPT_DIR)):
         latest = latest_checkpoint(path_or_name)
         if latest is None:
             raise CheckpointError(f"training run {path_or_name} has no complete checkpoint yet")
-        return latest, None
-    if storage.exists(path_or_name) and not path_or_name.endswith("/"):
+        return latest
+    exists = storage.exists(path_or_name)
+    if exists and not path_or_name.endswith("/"):
         fs, p = storage.url_to_fs(path_or_name)
         if not fs.isdir(p):
-            return path_or_name, None
+            return path_or_name
+    what = "is a folder without checkpoints" if exists else "does not exist"
     raise CheckpointError(
-        f"'{path_or_name}' is neither a checkpoint file, a training run folder, nor a released model name "
-        f"({', '.join(sorted(RELEASED))})"
+        f"{path_or_name} {what}: it is neither a checkpoint file, a training run folder, nor a released "
+        f"model name ({', '.join(sorted(RELEASED))})"
     )
+
+
+def diffusion_config_of(info: dict[str, Any]) -> DiffusionConfig:
+    """The diffusion the model of ``load_unet``'s ``info`` was trained with, unrespaced (sampling respaces
+    it): ours store it (a dict, or a preset name); released RCDM models use ADM's, the ``default`` preset."""
+    stored = (info.get("train_config") or {}).get("diffusion")
+    if isinstance(stored, dict):
+        cfg = from_dict(DiffusionConfig, stored, source=f"{info['source']} (stored diffusion config)")
+    else:
+        cfg = load_config(DiffusionConfig, preset_path("diffusion", stored or "default"))
+    learn_sigma = bool(info["config"]["learn_sigma"])
+    if cfg.learn_sigma != learn_sigma:
+        raise CheckpointError(
+            f"{info['source']}: the model has learn_sigma={learn_sigma} but its diffusion config says "
+            f"{cfg.learn_sigma}; the checkpoint is inconsistent"
+        )
+    return replace(cfg, timestep_respacing="")
 
 
 def load_unet(
     path_or_name: str,
     config: Any | None = None,
-    ema_rate: str | None = "auto",
+    ema_rate: str | float | None = "auto",
     map_location: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A UNet with weights from one of our checkpoints, a run folder (its newest) or a released model.
 
     ``config`` (a UNetConfig) overrides the architecture; by default ours come with their own and
     released state dicts use the ``rcdm128`` preset with ``feature_dim`` read from ``ssl_emb.weight``.
-    ``ema_rate``: "auto" = the first EMA of our checkpoints, a rate string such as "0.9999", or None for
-    the raw (non-EMA) weights. Returns (model in eval mode, info) where info holds ``kind`` ("ours" or
+    ``ema_rate``: "auto" = the first EMA of our checkpoints, a rate (0.9999 or its key "0.9999"), or None
+    for the raw (non-EMA) weights. Returns (model in eval mode, info) where info holds ``kind`` ("ours" or
     "released"), ``source``, ``step``, ``config`` (the model config dict), ``encoder`` (dict or None) and,
     for ours, the full training ``train_config``.
     """
     from rcdm.unet import UNet, UNetConfig
 
-    url, released = _resolve(path_or_name)
+    if ema_rate is not None and not isinstance(ema_rate, str):
+        ema_rate = rate_key(ema_rate)
+    released = path_or_name if path_or_name in RELEASED else None
+    url = resolve_checkpoint(path_or_name)
     ckpt = load_checkpoint(url, map_location)
     info: dict[str, Any] = {"source": url, "step": None, "encoder": None, "train_config": None}
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:

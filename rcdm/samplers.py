@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import Literal, Optional, Union, get_args
 
 import torch
 from torch import Tensor
@@ -27,9 +28,19 @@ from torch import Tensor
 from rcdm.diffusion import DiffusionConfig, GaussianDiffusion, Model, build_diffusion
 
 SamplerName = Literal["ddim", "ancestral", "dpm++"]
-SAMPLERS: tuple[str, ...] = ("ddim", "ancestral", "dpm++")
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 Callback = Callable[[dict], None]
 NoiseFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How each sample is drawn (``sample``'s keyword arguments): sampler, respaced steps, DDIM eta, CFG scale."""
+
+    name: SamplerName = "ddim"
+    steps: Union[int, str] = 50  # an int keeps that many evenly spaced steps; or a spec such as "ddim25"
+    eta: float = 0.0  # DDIM noise scale
+    guidance: float = 0.0  # classifier-free guidance scale w (needs a model trained with dropped features)
 
 
 def sample_seed(base: int, item: int, j: int) -> int:

@@ -39,6 +39,7 @@ from rcdm.checkpoint import CheckpointError
 from rcdm.config import CONFIGS_DIR, ConfigError, to_dict
 from rcdm.editing import EditingError
 from rcdm.encoders import EncoderError
+from rcdm.samplers import SamplerConfig
 from rcdm.shards import ManifestError
 from rcdm.unet import UNetConfig
 from rcdm.weights import WeightsError
@@ -60,14 +61,6 @@ class EncoderOptions:
 
 
 @dataclass(frozen=True)
-class SamplerOptions:
-    name: Literal["ddim", "ancestral", "dpm++"] = "ddim"
-    steps: Union[int, str] = 50  # respaced steps: N, or a respacing string such as "ddim25"
-    eta: float = 0.0  # DDIM noise scale
-    guidance: float = 0.0  # classifier-free guidance scale w (needs a model trained with dropped features)
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """What every sampling stage shares."""
 
@@ -76,7 +69,7 @@ class RunConfig:
     n: int = 8  # samples per conditioning item (per row)
     seed: int = 0
     encoder: EncoderOptions = field(default_factory=EncoderOptions)
-    sampler: SamplerOptions = field(default_factory=SamplerOptions)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     model: Optional[UNetConfig] = field(default=None, metadata={"preset": "model"})  # for foreign state dicts
     ema_rate: Union[str, float, None] = "auto"  # "auto" = first EMA, a rate such as "0.9999", null = raw
     batch_size: int = 16
@@ -106,7 +99,6 @@ def load_model(cfg: RunConfig) -> RCDM:
     """The RCDM of ``cfg.checkpoint`` with the config's encoder and sampler options."""
     if not cfg.checkpoint:
         raise RCDMError("no checkpoint given: set checkpoint=<file | run folder | released name>")
-    ema = cfg.ema_rate if cfg.ema_rate is None or isinstance(cfg.ema_rate, str) else repr(cfg.ema_rate)
     return RCDM.from_pretrained(
         cfg.checkpoint,
         encoder=cfg.encoder.name,
@@ -117,7 +109,7 @@ def load_model(cfg: RunConfig) -> RCDM:
         head=cfg.encoder.head,
         input_size=cfg.encoder.input_size,
         model_config=cfg.model,
-        ema_rate=ema,
+        ema_rate=cfg.ema_rate,
         eta=cfg.sampler.eta,
         batch_size=cfg.batch_size,
         precision=cfg.precision,
