@@ -141,7 +141,11 @@ def tree_memory(root: int) -> tuple[int, int]:
 
 
 def peak_memory(data: Path, out: Path, limit: int, input_size: int, cpus: int) -> dict:
-    """Run the stage CLI on the first ``limit`` images; sample its tree's PSS every 0.5 s."""
+    """Run the stage CLI on the first ``limit`` images; sample its tree's memory every 0.25 s.
+
+    Sampling stops when the stage prints its summary line (the bank and manifest are written by then),
+    so interpreter shut-down is not counted.
+    """
     sets = [
         f"data={data}", f"out={out}", "encoder.name=mobilenet_v2", "encoder.weights=random",
         f"encoder.input_size={input_size}", "image_size=32", "shard_size=1000", "batch_size=64",
@@ -150,7 +154,7 @@ def peak_memory(data: Path, out: Path, limit: int, input_size: int, cpus: int) -
     cmd = [sys.executable, "-m", "stages.features", "--config", str(REPO / "configs/features/default.yaml")]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [*cmd, "--set", *sets], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        [*cmd, "--set", *sets], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     peak = {"total": 0, "driver": 0}
     stop = threading.Event()
@@ -159,12 +163,17 @@ def peak_memory(data: Path, out: Path, limit: int, input_size: int, cpus: int) -
         while not stop.is_set():
             total, own = tree_memory(proc.pid)
             peak["total"], peak["driver"] = max(peak["total"], total), max(peak["driver"], own)
-            time.sleep(0.5)
+            time.sleep(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    lines = []
     try:
-        stdout, _ = proc.communicate()
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("features:") and "samples in" in line:
+                stop.set()
+        proc.wait()
     finally:
         stop.set()
         sampler.join()
@@ -172,7 +181,7 @@ def peak_memory(data: Path, out: Path, limit: int, input_size: int, cpus: int) -
             proc.terminate()
             proc.wait()
     if proc.returncode != 0:
-        raise RuntimeError(f"stage failed ({proc.returncode}): {stdout.decode()[-2000:]}")
+        raise RuntimeError(f"stage failed ({proc.returncode}): {''.join(lines)[-2000:]}")
     return {**peak, "seconds": time.perf_counter() - t0}
 
 
