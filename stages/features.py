@@ -33,6 +33,7 @@ import datetime
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -80,7 +81,7 @@ class FeaturesConfig:
     num_actors: int | None = None  # encoder actors; None = one per GPU, or 1 without GPUs
     decode_tasks: int | None = None  # decode tasks in flight; None = 2 x the cluster's CPUs
     encoder_threads: int | None = None  # torch threads of a CPU actor; None = (CPUs - 1) / num_actors
-    ray_address: str | None = None  # None = start a local Ray; "auto" or an address = join that cluster
+    ray_address: str | None = None  # None = $RAY_ADDRESS if set, else local Ray; "auto" = join a cluster
     num_cpus: int | None = None  # CPUs of the local Ray (None = all); ignored with ray_address
     limit: int | None = None  # only the first N inputs of the sorted list (smoke runs)
     bank: bool = True  # also write bank.h5
@@ -542,10 +543,12 @@ def _start_ray(cfg: FeaturesConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    if cfg.ray_address is None:
+    # Under `ray job submit` the supervisor sets RAY_ADDRESS: join that cluster instead of starting one.
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address is None:
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
     else:
-        ray.init(address=cfg.ray_address)
+        ray.init(address=address)
     return True
 
 
