@@ -295,7 +295,14 @@ def calibrate_batchnorm(net: nn.Module, input_size: int, seed: int, n: int = 4, 
     g = torch.Generator().manual_seed(seed)
     size = min(input_size, max_size)
     x = torch.rand(n, 3, size, size, generator=g) * 2 - 1  # (n, 3, s, s)
-    net.train()(x)
+    # One thread: reductions then sum in one order, so every process (whatever its thread count)
+    # computes the same statistics and the same "random" encoder.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net.train()(x)
+    finally:
+        torch.set_num_threads(threads)
     for m in bns:
         m.momentum = 0.1
     net.eval()
