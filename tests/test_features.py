@@ -99,9 +99,8 @@ def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
 def _direct_features(originals: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``encoder.preprocess(pil)`` and of its mirror, straight from the encoder.
 
-    With one torch thread, as the stage's actor has with ``encoder_threads=1``: a random encoder's
-    BatchNorm statistics are calibrated on noise, and that reduction rounds differently with 1 and 2
-    threads (the features then differ by about 1e-2).
+    With one torch thread, as the stage's actor has with ``encoder_threads=1``, so both sides round
+    their reductions in the same order.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
