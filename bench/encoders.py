@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,26 +28,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from rcdm.encoders import load_encoder  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> str:
-    parts = [f"{cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"]
-    if device.type == "cuda":
-        parts.append(torch.cuda.get_device_name(device))
-    parts.append(f"torch {torch.__version__}, Python {platform.python_version()}")
-    return "; ".join(parts)
 
 
 def _sync(device: torch.device) -> None:

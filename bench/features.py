@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,20 +37,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.machine import cpu_model  # noqa: E402
 from rcdm import images  # noqa: E402
 from rcdm.encoders import load_encoder  # noqa: E402
 from stages.features import EncoderChoice, FeaturesConfig, run  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:

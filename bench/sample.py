@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from rcdm.api import RCDM, sample_seeds  # noqa: E402
 from rcdm.config import load_config, preset_path  # noqa: E402
 from rcdm.diffusion import DiffusionConfig, build_diffusion  # noqa: E402
@@ -36,25 +35,6 @@ from rcdm.unet import UNet, UNetConfig  # noqa: E402
 
 ROWS = [("ancestral", 100), ("ddim", 50), ("ddim", 25), ("dpm++", 20)]
 LABELS = {"ancestral": "ancestral", "ddim": "DDIM", "dpm++": "DPM-Solver++(2M)"}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> str:
-    parts = [f"{cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"]
-    if device.type == "cuda":
-        parts.append(torch.cuda.get_device_name(device))
-    parts.append(f"torch {torch.__version__}, Python {platform.python_version()}")
-    return "; ".join(parts)
 
 
 def build(preset: str, device: torch.device, batch: int, precision: str) -> RCDM:
