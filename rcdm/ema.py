@@ -5,6 +5,9 @@ After every optimizer step, for each rate ``r`` (guided-diffusion's ``update_ema
     theta_ema <- r * theta_ema + (1 - r) * theta
 
 computed as ``theta_ema.lerp_(theta, 1 - r)``. The averages start as a copy of the initial parameters.
+With warm-up (``update(step)``), the rate of update n is ``min(r, (1 + n) / (10 + n))`` (the schedule of
+tf.train.ExponentialMovingAverage's ``num_updates``), so short or time-boxed runs do not average in the
+random initialisation for thousands of steps.
 RCDM and ADM keep one EMA at r = 0.9999 and release only the EMA weights. Buffers (none in the UNet)
 are not averaged: the EMA state dicts take them from the model as they are.
 """
@@ -38,12 +41,17 @@ class EMA:
             r: [p.detach().clone() for p in model.parameters()] for r in rates
         }
 
+    @staticmethod
+    def warmup_rate(rate: float, step: int | None) -> float:
+        """The rate of update number ``step`` (0-based) with warm-up; ``rate`` itself when step is None."""
+        return rate if step is None else min(rate, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
-        """One EMA step towards the model's current parameters."""
+    def update(self, step: int | None = None) -> None:
+        """One EMA step towards the model's current parameters (warm-up when ``step`` is given)."""
         params = [p.detach() for p in self.model.parameters()]
         for r, shadow in self.shadow.items():
-            torch._foreach_lerp_(shadow, params, 1.0 - r)
+            torch._foreach_lerp_(shadow, params, 1.0 - self.warmup_rate(r, step))
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
         """{rate_key: a full model state dict with the averaged parameters} (loads with strict=True)."""

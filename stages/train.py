@@ -78,6 +78,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     ema_rates: tuple[float, ...] = (0.9999,)
+    ema_warmup: bool = False  # rate of update n = min(r, (1 + n) / (10 + n)); off as upstream
     precision: Literal["fp32", "bf16"] = "fp32"
     micro_batch: int | None = None
     p_uncond: float = 0.0
@@ -433,7 +434,7 @@ class Trainer:
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
-        self.ema.update()
+        self.ema.update(self.step if cfg.ema_warmup else None)
         self.step += 1
         loss, mse, vb = (sums / len(batches)).tolist()
         return loss, mse, vb

@@ -405,6 +405,26 @@ def test_ema_closed_form():
         EMA(model, [0.9, 1.0])
 
 
+def test_ema_warmup_closed_form():
+    """Warm-up rates r_n = min(r, (1 + n) / (10 + n)): with the weights held at theta, n updates leave
+    theta_ema = theta + prod_n r_n (theta_0 - theta)."""
+    model = torch.nn.Linear(3, 2)
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    ema = EMA(model, [0.9999, 0.2])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for n in range(4):
+        ema.update(n)
+    sd = ema.state_dict()
+    # 0.9999: rates 0.1, 2/11, 3/12, 4/13; 0.2: rates 0.1, 2/11, then capped at 0.2
+    for r, factor in ((0.9999, 0.1 * 2 / 11 * 3 / 12 * 4 / 13), (0.2, 0.1 * 2 / 11 * 0.2**2)):
+        for (name, p), p0 in zip(model.named_parameters(), theta0):
+            expected = p.detach() + factor * (p0 - p.detach())
+            assert torch.allclose(sd[repr(r)][name], expected, atol=1e-6)
+    assert EMA.warmup_rate(0.9999, None) == 0.9999
+
+
 def test_presets_load():
     for name in ("tiny", "rcdm128"):
         cfg = load_config(TrainConfig, REPO / f"configs/train/{name}.yaml")
