@@ -41,8 +41,8 @@ data:
 	  echo "FashionMNIST is not in $(FASHION_DIR) and apt-get could not install dataset-fashion-mnist;" \
 	       "stage one will try torchvision's downloader (needs network)."
 
-# The embedded default as an image tree: data/fashion-mnist/{train,test}/<class>/*.png
-DEMO_DATA := data/fashion-mnist
+# The embedded default as an image tree: data/fashion-mnist-32/{train,test}/<class>/*.png (32x32)
+DEMO_DATA := data/fashion-mnist-32
 prepare-data: $(DEMO_DATA)/.done
 
 $(DEMO_DATA)/.done: | $(STAMP)

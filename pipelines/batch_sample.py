@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import zipfile
 from collections import deque
@@ -54,9 +53,10 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
-from rcdm import images, shards, storage
+from rcdm import images, runstate, shards, storage
 from rcdm.config import ConfigError, to_dict
 from rcdm.diffusion import build_diffusion
+from rcdm.runstate import PROGRESS_DIR
 from rcdm.samplers import SamplerConfig
 from stages.cli import add_config_args, config_from_args, fail
 
@@ -64,8 +64,6 @@ DEFAULT_CONFIG = "configs/batch_sample/default.yaml"
 FORMAT = "rcdm-samples/1"
 MANIFEST = "manifest.json"
 SAMPLES_DIR = "samples"
-PROGRESS_DIR = "_progress"
-IDENTITY = "config.json"
 BANK_UNIT_ROWS = 1024  # rows per unit for a bank input when unit_size is null
 ORDER = "item-major: for each input item in input order, its samples j = 0..n-1"
 
@@ -366,12 +364,6 @@ class SampleWorker:
         return marker
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
 def _encode_output(
     item: int,
     j: int,
@@ -386,7 +378,7 @@ def _encode_output(
     sample = {
         "__key__": sample_key(item, j),
         "png": images.encode_png(pixels),
-        "feat.npy": _npy_bytes(np.asarray(feature, dtype=np.float32)),
+        "feat.npy": shards.npy_bytes(np.asarray(feature, dtype=np.float32)),
         "seed": str(seed).encode("ascii"),
         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
     }
@@ -438,54 +430,24 @@ def _identity(cfg: BatchSampleConfig, checkpoint: str, source: FeatureSet) -> di
 
 def _claim_output(cfg: BatchSampleConfig, identity: dict[str, Any]) -> None:
     """Refuse an ``out`` made by a different run; record this run's identity in a fresh one."""
-    url = storage.join(cfg.out, PROGRESS_DIR, IDENTITY)
-    if storage.exists(url):
-        previous = storage.read_json(url)["identity"]
-        diff = [k for k in sorted(set(identity) | set(previous)) if previous.get(k) != identity.get(k)]
-        if diff:
-            shown = "; ".join(f"{k}: {previous.get(k)!r} there, {identity.get(k)!r} now" for k in diff)
-            raise BatchSampleError(
-                f"out: {cfg.out} holds samples of a different run ({shown}); write to another out= or "
-                "delete that folder to start over"
-            )
-        return
-    if storage.exists(storage.join(cfg.out, MANIFEST)) or storage.listdir(storage.join(cfg.out, SAMPLES_DIR)):
-        raise BatchSampleError(
-            f"out: {cfg.out} already holds samples but no {PROGRESS_DIR}/{IDENTITY}: it was not written by "
-            "batch sampling; write to another out= or delete it"
-        )
-    storage.makedirs(cfg.out)
-    storage.write_json_atomic(url, {"identity": identity, "config": to_dict(cfg)})
-
-
-def _remove_stale_temp_files(out: str) -> None:
-    """Temporary files of a killed run (locally only; object stores never hold partial objects)."""
-    if not storage.is_local(out):
-        return
-    for sub in ("", SAMPLES_DIR, PROGRESS_DIR):
-        folder = storage.join(out, sub) if sub else out
-        for name in storage.listdir(folder):
-            if name.startswith(".") and name.endswith(".tmp"):
-                storage.remove(storage.join(folder, name))
+    runstate.claim_output(
+        cfg.out, identity, to_dict(cfg), manifest=MANIFEST, pieces_dir=SAMPLES_DIR, holds="samples",
+        writer="batch sampling", error=BatchSampleError,
+    )  # fmt: skip
 
 
 def finished_units(out: str, units: Iterable[WorkUnit]) -> dict[int, dict[str, Any]]:
     """unit index -> done marker, for units whose marker and tar both exist and fit the unit."""
-    fs, path = storage.url_to_fs(storage.join(out, PROGRESS_DIR))
-    fs.invalidate_cache()  # another process (a killed run) wrote there since this one last listed it
+    runstate.forget_listings(out)  # another process (a killed run) wrote there since this one last listed it
     markers = set(storage.listdir(storage.join(out, PROGRESS_DIR)))
     tars = set(storage.listdir(storage.join(out, SAMPLES_DIR)))
     candidates = [
         u for u in units if os.path.basename(u.marker) in markers and os.path.basename(u.name) in tars
     ]
-    if not candidates:
-        return {}
-    urls = [f"{path}/{os.path.basename(u.marker)}" for u in candidates]
-    blobs = storage.retry(lambda: fs.cat(urls), out)  # one concurrent fetch on object stores
-    by_name = {os.path.basename(k): v for k, v in blobs.items()}
+    by_name = runstate.read_markers(out, [os.path.basename(u.marker) for u in candidates])
     done = {}
     for u in candidates:
-        marker = json.loads(by_name[os.path.basename(u.marker)])
+        marker = by_name[os.path.basename(u.marker)]
         if marker.get("first_item") == u.first_item and marker.get("items") == u.count:
             done[u.index] = marker
     return done
@@ -497,14 +459,8 @@ def write_npz(url: str, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) ->
     Bounded memory: one chunk at a time goes into a stored (uncompressed) zip entry, the layout
     ``np.savez`` writes.
     """
-    local = storage.local_path(url)
-    folder = os.path.dirname(os.path.abspath(local)) if local else None
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(url)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        written = 0
+    written = 0
+    with storage.atomic_local_path(url) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
@@ -516,16 +472,6 @@ def write_npz(url: str, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) ->
                     written += chunk.shape[0]
         if written != shape[0]:
             raise RuntimeError(f"npz for {shape[0]} samples got {written}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if local:
-            os.replace(tmp, local)
-        else:
-            fs, path = storage.url_to_fs(url)
-            storage.retry(lambda: fs.put_file(tmp, path), url)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _unit_pixels(out: str, marker: dict[str, Any]) -> np.ndarray:
@@ -767,7 +713,7 @@ def run(cfg: BatchSampleConfig, log: Callable[[str], None] | None = None) -> dic
     checkpoint = _resolve_checkpoint(cfg.checkpoint)
     source = open_features(cfg.features, cfg.unit_size, cfg.limit)
     _claim_output(cfg, _identity(cfg, checkpoint, source))
-    _remove_stale_temp_files(cfg.out)
+    runstate.remove_temp_files(cfg.out, [SAMPLES_DIR])
     done = finished_units(cfg.out, source.units)
     total = source.items * cfg.n
     todo = [u for u in source.units if u.index not in done]

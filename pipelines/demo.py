@@ -57,7 +57,7 @@ class DemoSampler:
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "runs/demo"
-    data: str = "data/fashion-mnist"  # the prepared image trees (shared between runs)
+    data: str = "data/fashion-mnist-32"  # the prepared 32x32 image trees (shared between runs)
     source: Optional[str] = None  # FashionMNIST idx folder; None = prepare_data's default (Debian package)
     train_images: int = 10000
     test_images: int = 1000
@@ -67,7 +67,7 @@ class DemoConfig:
     train_config: str = "configs/train/demo.yaml"
     evaluate_config: str = "configs/evaluate/default.yaml"
     nproc: int = 2  # training processes (torchrun, gloo on CPU)
-    time_limit_minutes: Optional[float] = 9.0  # training time box; None = the train config's own
+    time_limit_minutes: Optional[float] = 10.0  # training time box; None = the train config's own
     ema: Union[str, float, None] = "auto"  # EMA for sampling and evaluation: "auto" = the first of ema_rates
     sampler: DemoSampler = field(default_factory=DemoSampler)
     sample_rows: int = 10  # samples.png: one held-out item per class

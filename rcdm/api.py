@@ -491,6 +491,15 @@ class RCDM:
                 out.append(x.float().cpu())
         return torch.cat(out)
 
+    def _generate_grid(self, grid: Tensor, seeds: Sequence[int], **sampling: Any) -> Tensor:
+        """One sample per cell of the feature grid (R, C, D), seeds in row-major order: (R, C, 3, H, W).
+
+        ``sampling``: the keyword arguments of ``generate`` (sampler, steps, eta, guidance, progress).
+        """
+        rows, cols = grid.shape[:2]
+        x = self.generate(grid.flatten(0, 1), seeds, **sampling)  # (R * C, 3, H, W)
+        return x.reshape(rows, cols, 3, self.image_size, self.image_size)
+
     def sample(
         self,
         images_or_features: Inputs,
@@ -510,11 +519,10 @@ class RCDM:
         if n < 1:
             raise RCDMError(f"n must be at least 1, got {n}")
         feats = self.as_features(images_or_features)  # (L, D)
-        flat = feats.repeat_interleave(n, dim=0)  # (L * n, D), item-major
-        x = self.generate(
-            flat, sample_seeds(seed, feats.shape[0], n), sampler=sampler, steps=steps, eta=eta,
-            guidance=guidance, progress=progress,
-        ).reshape(feats.shape[0], n, 3, self.image_size, self.image_size)  # fmt: skip
+        x = self._generate_grid(
+            feats[:, None].expand(-1, n, -1), sample_seeds(seed, feats.shape[0], n), sampler=sampler,
+            steps=steps, eta=eta, guidance=guidance, progress=progress,
+        )  # fmt: skip
         return to_pil(x) if return_pil else x
 
     def interpolate(
@@ -542,10 +550,10 @@ class RCDM:
         if fa.shape[0] != 1 or fb.shape[0] != 1:
             raise RCDMError(f"interpolate takes one item at each end, got {fa.shape[0]} and {fb.shape[0]}")
         path = editing.interpolate_features(fa[0], fb[0], editing.ratios(steps_r), mode)  # (R, D)
-        x = self.generate(
-            path.repeat(n, 1), shared_noise_seeds(seed, n, steps_r, "rows"), sampler=sampler, steps=steps,
-            eta=eta, guidance=guidance, progress=progress,
-        ).reshape(n, steps_r, 3, self.image_size, self.image_size)  # fmt: skip
+        x = self._generate_grid(
+            path[None].expand(n, -1, -1), shared_noise_seeds(seed, n, steps_r, "rows"), sampler=sampler,
+            steps=steps, eta=eta, guidance=guidance, progress=progress,
+        )  # fmt: skip
         return to_pil(x) if return_pil else x
 
     # -- manipulation --
@@ -609,10 +617,10 @@ class RCDM:
         nb_feats, nb_keys, sims, skipped = self.neighbours(fs[0], neighbours, k)
         dims = editing.common_dims(editing.l2_normalize(nb_feats), common, rule, top_m)
         conds = editing.manipulated_features(fs[0], ft[0], dims.cpu())  # (3, D)
-        x = self.generate(
-            conds.repeat_interleave(n, dim=0), shared_noise_seeds(seed, 3, n, "cols"), sampler=sampler,
+        x = self._generate_grid(
+            conds[:, None].expand(-1, n, -1), shared_noise_seeds(seed, 3, n, "cols"), sampler=sampler,
             steps=steps, eta=eta, guidance=guidance, progress=progress,
-        ).reshape(3, n, 3, self.image_size, self.image_size)  # fmt: skip
+        )  # fmt: skip
         return Manipulation(
             samples=x, features=conds, dims=dims.tolist(), neighbours=nb_keys, similarities=sims,
             zero_fraction=editing.zero_fraction(nb_feats), skipped=skipped,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import Any, Literal
@@ -64,13 +63,7 @@ def build_bank(
     n = int(sum(s["count"] for s in manifest["shards"]))
     dim = int(manifest["encoder"]["feature_dim"])
     dtype = np.dtype(manifest.get("feature_dtype", "float16"))
-    local = storage.local_path(out_url)
-    folder = os.path.dirname(os.path.abspath(local)) if local else None
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bank.", suffix=".h5.tmp", dir=folder)
-    os.close(fd)
-    try:
+    with storage.atomic_local_path(out_url) as tmp:
         with h5py.File(tmp, "w") as h5:
             feats = h5.create_dataset("features", (n, dim), dtype=dtype)
             flips = h5.create_dataset("features_flip", (n, dim), dtype=dtype) if include_flip else None
@@ -103,14 +96,6 @@ def build_bank(
             h5.attrs["feature_dtype"] = dtype.name
             h5.attrs["count"] = n
             h5.attrs["classes"] = json.dumps((manifest.get("labels") or {}).get("classes"))
-        if local:
-            os.replace(tmp, local)
-        else:
-            fs, path = storage.url_to_fs(out_url)
-            storage.retry(lambda: fs.put_file(tmp, path), out_url)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out_url
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -65,27 +64,8 @@ def checkpoint_url(run: str, step: int) -> str:
 
 def _save_atomic(obj: Any, url: str) -> None:
     """torch.save ``obj`` to ``url`` without ever exposing a partial file."""
-    if storage.is_local(url):
-        path = storage.strip_file_scheme(url)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return
-    with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
-        torch.save(obj, tmp)
-        tmp.flush()
-        fs, path = storage.url_to_fs(url)
-        storage.retry(lambda: fs.put_file(tmp.name, path), url)
+    with storage.atomic_local_path(url) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def list_checkpoints(run: str) -> list[tuple[int, str]]:
@@ -121,7 +101,7 @@ def _remove_stale_temps(run: str) -> None:
     if folder is None or not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        if name.startswith(".ckpt_") and name.endswith(".tmp"):
+        if name.startswith(".ckpt_") and storage.is_temp_name(name):
             try:
                 os.unlink(os.path.join(folder, name))
             except FileNotFoundError:

@@ -81,6 +81,43 @@ class ShardSet:
         return sum(self.counts)
 
 
+# --- feature statistics --------------------------------------------------------------------------
+
+
+def feature_statistics(shard_set: ShardSet, max_samples: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (float32, (D,)) of the training features and their mirrors.
+
+    From the bank when stage one wrote one (up to ``max_samples`` evenly spaced rows), else from evenly
+    spaced shards. Dimensions that hardly vary (e.g. dead ReLU units) get a floor of 1% of the median
+    std, so a standardised feature stays bounded on inputs unlike the training set.
+    """
+    manifest, root = shard_set.manifest, shard_set.root
+    rows: list[np.ndarray] = []
+    if manifest.get("bank") and storage.exists(storage.join(root, manifest["bank"])):
+        from rcdm.bank import FeatureBank
+
+        with FeatureBank(storage.join(root, manifest["bank"])) as bank:
+            idx = np.unique(np.linspace(0, len(bank) - 1, min(max_samples, len(bank))).astype(np.int64))
+            rows.append(bank.get(idx))
+            if bank.has_flip:
+                rows.append(bank.get(idx, flip=True))
+    else:
+        n_shards = len(shard_set.urls)
+        per_shard = max(1, shard_set.total // n_shards)
+        picks = np.unique(
+            np.linspace(0, n_shards - 1, min(n_shards, -(-max_samples // per_shard))).astype(int)
+        )
+        for i in picks:
+            for sample in shards.read_shard(shard_set.urls[i]):
+                rows.append(np.stack([sample.feature, sample.feature_flip]))
+    feats = torch.from_numpy(np.concatenate(rows).astype(np.float64))  # (M, D)
+    if not bool(torch.isfinite(feats).all()):
+        raise DataError(f"the features at {root} hold non-finite values: re-run stage one")
+    mean, std = feats.mean(0), feats.std(0)
+    std = std.clamp_min(max(float(std.median()) * 0.01, 1e-8))
+    return mean.float(), std.float()
+
+
 # --- opening a data set ---------------------------------------------------------------------------
 
 

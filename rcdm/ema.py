@@ -8,8 +8,9 @@ computed as ``theta_ema.lerp_(theta, 1 - r)``. The averages start as a copy of t
 With warm-up (``update(step)``), the rate of update n is ``min(r, (1 + n) / (10 + n))`` (the schedule of
 tf.train.ExponentialMovingAverage's ``num_updates``), so short or time-boxed runs do not average in the
 random initialisation for thousands of steps.
-RCDM and ADM keep one EMA at r = 0.9999 and release only the EMA weights. Buffers (none in the UNet)
-are not averaged: the EMA state dicts take them from the model as they are.
+RCDM and ADM keep one EMA at r = 0.9999 and release only the EMA weights. Buffers (the UNet's feature
+statistics, when it has them) are not averaged: the EMA state dicts and ``copy_to`` take them from the
+model as they are.
 """
 
 from __future__ import annotations
@@ -83,4 +84,6 @@ class EMA:
         rate = self.rates[0] if rate is None else float(rate)
         for p, t in zip(module.parameters(), self.shadow[rate]):
             p.copy_(t)
+        for b, t in zip(module.buffers(), self.model.buffers()):
+            b.copy_(t)
         return module

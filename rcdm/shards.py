@@ -69,10 +69,14 @@ def make_key(source: str) -> str:
     return f"{readable}_{digest}" if readable else digest
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` as the bytes of a .npy file (how features are stored in tars)."""
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
+
+
+_npy_bytes = npy_bytes  # also under its private name
 
 
 def _npy_load(data: bytes) -> np.ndarray:
@@ -102,8 +106,8 @@ def encode_sample(
     out: dict[str, bytes | str] = {
         "__key__": key,
         "png": images.encode_png(image),
-        "feat.npy": _npy_bytes(feature.astype(dtype)),
-        "feat_flip.npy": _npy_bytes(feature_flip.astype(dtype)),
+        "feat.npy": npy_bytes(feature.astype(dtype)),
+        "feat_flip.npy": npy_bytes(feature_flip.astype(dtype)),
         "json": json.dumps(meta or {}, sort_keys=True).encode("utf-8"),
     }
     if label is not None:

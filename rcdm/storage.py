@@ -4,6 +4,10 @@ Local files are written to a temporary name in the same folder, flushed, fsynced
 destination, so a reader sees the old file or the new one, never a partial one. Object stores write
 whole objects (a PUT is atomic), so a partially uploaded object is never visible; callers write their
 manifest or pointer last. Transient errors of remote stores are retried with exponential back-off.
+Writers that need a file path (torch.save, h5py, zipfile) get one from ``atomic_local_path``::
+
+    with storage.atomic_local_path("s3://bucket/run/bank.h5") as tmp:
+        write_the_file(tmp)  # becomes the object on normal exit; removed on error
 
 S3-compatible endpoints and credentials come from fsspec's configuration, e.g. the environment variables
 ``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3_KEY`` and ``FSSPEC_S3_SECRET`` (fsspec maps
@@ -16,13 +20,17 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs as _url_to_fs
 
 T = TypeVar("T")
+
+# Temporary files are named ".<destination name>.<random>.tmp", so cleanup after a killed writer finds them.
+TEMP_SUFFIX = ".tmp"
 
 # Errors worth retrying on remote stores (throttling, dropped connections, 5xx).
 _TRANSIENT_NAMES = ("Throttl", "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Timeout")
@@ -91,26 +99,49 @@ def read_json(url: str) -> Any:
     return json.loads(read_text(url))
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether the file name ``name`` is one ``atomic_local_path`` gives its temporary files."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+@contextmanager
+def atomic_local_path(url: str) -> Iterator[str]:
+    """A local file path to write the contents of ``url`` to; on normal exit it becomes ``url`` whole.
+
+    Local URLs: the temporary file lies in the destination's folder (created if needed); on exit it is
+    fsynced and renamed over the destination. Remote URLs: it lies in the system's temp folder and is
+    uploaded as one object, then deleted. When the body (or the rename, or the upload) raises, the
+    temporary file is removed and the destination is left as it was.
+    """
+    local = local_path(url)
+    folder = os.path.dirname(os.path.abspath(local)) if local is not None else None
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+    name = os.path.basename((local or url).rstrip("/"))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        if local is not None:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, local)
+        else:
+            fs, path = url_to_fs(url)
+            retry(lambda: fs.put_file(tmp, path), url)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` so that no reader ever sees a partial file."""
     if is_local(url):
-        path = strip_file_scheme(url)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_local_path(url) as tmp, open(tmp, "wb") as f:
+            f.write(data)
         return
     fs, path = url_to_fs(url)
-    retry(lambda: fs.pipe_file(path, data), url)
+    retry(lambda: fs.pipe_file(path, data), url)  # bytes in memory go up in one PUT, without a temp file
 
 
 def write_text_atomic(url: str, text: str) -> None:

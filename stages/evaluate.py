@@ -48,9 +48,9 @@ from PIL import Image
 
 from rcdm import images, metrics, shards, storage
 from rcdm.bank import FeatureBank
-from rcdm.checkpoint import CheckpointError, load_unet
-from rcdm.config import from_dict, load_config, preset_path, to_yaml
-from rcdm.diffusion import DiffusionConfig, build_diffusion
+from rcdm.checkpoint import CheckpointError, diffusion_config_of, load_unet
+from rcdm.config import to_yaml
+from rcdm.diffusion import build_diffusion
 from rcdm.encoders import Encoder, EncoderError, load_encoder
 from rcdm.samplers import sample, sample_seed
 from stages.cli import add_config_args, config_from_args, fail
@@ -372,15 +372,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             raise ValueError(f"'{key}' is not set: pass --set {key}=...")
     t0 = time.time()
     device = resolve_device(cfg.device)
-    ema = cfg.ema if cfg.ema is None or isinstance(cfg.ema, str) else repr(float(cfg.ema))
-    model, info = load_unet(cfg.checkpoint, ema_rate=ema, map_location=device)
+    model, info = load_unet(cfg.checkpoint, ema_rate=cfg.ema, map_location=device)
     model.to(device)
-    train_cfg = info.get("train_config") or {}
-    if "diffusion" in train_cfg:
-        dcfg = from_dict(DiffusionConfig, train_cfg["diffusion"], source=f"{info['source']} (diffusion)")
-    else:
-        dcfg = load_config(DiffusionConfig, preset_path("diffusion", "default"))
-    diffusion = build_diffusion(dcfg)
+    diffusion = build_diffusion(diffusion_config_of(info))
     if not info.get("encoder"):
         raise ValueError(f"{info['source']} does not say which encoder it was trained with")
     enc = encoder_from_description(info["encoder"], device)

@@ -13,10 +13,13 @@ center crop at ``image_size`` (PNG), the feature of the encoder's crop of the sa
 of view) and of its horizontal mirror, the label and ``{source, orig_size}``; ``errors.jsonl`` (every
 skipped input and why); ``bank.h5`` (``rcdm.bank``); ``manifest.json``, written last.
 
-Engine (Ray): CPU tasks read, decode and crop ``batch_size`` inputs each; encoder actors (one per GPU,
+Engine ``ray`` (the default): CPU tasks read, decode and crop ``batch_size`` inputs each; encoder actors (one per GPU,
 or one on CPU) encode crops and mirrors; a writer task assembles each shard in input order and writes
 it. At most ``decode_tasks + 2 * num_actors`` batches are between decoding and encoding at any time, so
 decoding keeps the encoders busy while memory stays bounded; features never pass through the driver.
+Engine ``local``: the same per-batch and per-shard functions in one process, without Ray (one machine,
+one encoder; the next batch is decoded on a thread while the current one is encoded). Both engines
+write identical shards, markers and manifests.
 
 Resume: shard ``i`` always holds inputs ``[i * shard_size, (i + 1) * shard_size)`` of the sorted list.
 Each shard is written whole (temp + rename, or one PUT), then ``_progress/{i:06d}.json`` records its
@@ -39,18 +42,17 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from rcdm import images, shards, storage
+from rcdm import images, runstate, shards, storage
 from rcdm.config import CONFIGS_DIR, to_dict
+from rcdm.runstate import PROGRESS_DIR, forget_listings
 from rcdm.sources import Input, Source, SourceError, list_source, read_input
 from stages.cli import add_config_args, config_from_args, fail
-
-PROGRESS_DIR = "_progress"
-IDENTITY = "config.json"
 
 
 class FeaturesError(RuntimeError):
@@ -81,6 +83,7 @@ class FeaturesConfig:
     num_actors: int | None = None  # encoder actors; None = one per GPU, or 1 without GPUs
     decode_tasks: int | None = None  # decode tasks in flight; None = 2 x the cluster's CPUs
     encoder_threads: int | None = None  # torch threads of a CPU actor; None = (CPUs - 1) / num_actors
+    engine: Literal["ray", "local"] = "ray"  # "local": one process, no Ray (one machine, one encoder)
     ray_address: str | None = None  # None = $RAY_ADDRESS if set, else local Ray; "auto" = join a cluster
     num_cpus: int | None = None  # CPUs of the local Ray (None = all); ignored with ray_address
     limit: int | None = None  # only the first N inputs of the sorted list (smoke runs)
@@ -185,72 +188,26 @@ def run_identity(cfg: FeaturesConfig, encoder: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_identity(out: str, identity: dict[str, Any], cfg: FeaturesConfig) -> None:
     """Refuse an ``out`` made by a different run; record this run's identity in a fresh one."""
-    url = storage.join(out, PROGRESS_DIR, IDENTITY)
-    if storage.exists(url):
-        stored = storage.read_json(url)["identity"]
-        old, new = _flatten(stored), _flatten(identity)
-        diffs = [
-            f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
-        ]
-        if diffs:
-            raise FeaturesError(
-                f"{out} holds features of a different run ({'; '.join(diffs)}). Write to another out= "
-                "or delete that folder to start over."
-            )
-        return
-    if storage.exists(storage.join(out, shards.MANIFEST)) or storage.listdir(
-        storage.join(out, shards.SHARD_DIR)
-    ):
-        raise FeaturesError(
-            f"{out} already holds shards but no {PROGRESS_DIR}/{IDENTITY}: it was not written by this "
-            "stage (or by an older version). Write to another out= or delete it."
-        )
-    storage.write_json_atomic(url, {"identity": identity, "config": to_dict(cfg)})
+    runstate.claim_output(
+        out, identity, to_dict(cfg), manifest=shards.MANIFEST, pieces_dir=shards.SHARD_DIR, holds="features",
+        writer="this stage", error=FeaturesError,
+    )  # fmt: skip
 
 
 def remove_temp_files(out: str) -> None:
     """Delete temporary files a killed run left behind (local outputs; object stores have none)."""
-    if not storage.is_local(out):
-        return
-    for sub in ("", shards.SHARD_DIR, PROGRESS_DIR):
-        folder = storage.join(out, sub) if sub else out
-        for name in storage.listdir(folder):
-            if name.startswith(".") and name.endswith(".tmp"):
-                storage.remove(storage.join(folder, name))
-
-
-def forget_listings(out: str) -> None:
-    """Drop cached listings of ``out``: workers in other processes wrote there (s3fs caches listings)."""
-    fs, _ = storage.url_to_fs(out)
-    fs.invalidate_cache()
+    runstate.remove_temp_files(out, [shards.SHARD_DIR])
 
 
 def read_markers(out: str) -> dict[int, dict[str, Any]]:
     """The done-markers present in ``out``, by shard index (one concurrent fetch on object stores)."""
     forget_listings(out)
-    fs, path = storage.url_to_fs(storage.join(out, PROGRESS_DIR))
     names = [
         n for n in storage.listdir(storage.join(out, PROGRESS_DIR)) if n[:6].isdigit() and n.endswith(".json")
     ]
-    if not names:
-        return {}
-    blobs = storage.retry(lambda: fs.cat([f"{path}/{n}" for n in names]), out)  # {path: bytes}
-    markers = [json.loads(raw) for raw in blobs.values()]
-    return {int(m["shard"]): m for m in markers}
+    return {int(m["shard"]): m for m in runstate.read_markers(out, names).values()}
 
 
 def plan_shards(source: Source, n: int, shard_size: int) -> list[dict[str, Any]]:
@@ -385,18 +342,24 @@ class EncoderWorker:
         return torch.stack([f[:n], f[n:]], dim=1).cpu().numpy()  # (n, 2, D)
 
 
+def write_shard(
+    out: str, unit: dict[str, Any], records: list, features: list, errors: list, dtype: str
+) -> dict[str, Any]:
+    """Write one shard (whole), then its progress marker; returns the marker."""
+    data, count = assemble_shard(records, features, dtype)
+    if count:
+        storage.write_bytes_atomic(storage.join(out, shards.shard_name(unit["shard"])), data)
+    marker = {**unit, "count": count, "errors": [e for batch in errors for e in batch]}
+    storage.write_json_atomic(marker_url(out, unit["shard"]), marker)
+    return marker
+
+
 def _write_shard_task(
     out: str, unit: dict[str, Any], records: list, features: list, errors: list, dtype: str
 ):
     import ray
 
-    recs, feats, errs = ray.get(records), ray.get(features), ray.get(errors)
-    data, count = assemble_shard(recs, feats, dtype)
-    if count:
-        storage.write_bytes_atomic(storage.join(out, shards.shard_name(unit["shard"])), data)
-    marker = {**unit, "count": count, "errors": [e for batch in errs for e in batch]}
-    storage.write_json_atomic(marker_url(out, unit["shard"]), marker)
-    return marker
+    return write_shard(out, unit, ray.get(records), ray.get(features), ray.get(errors), dtype)
 
 
 @dataclass
@@ -537,6 +500,41 @@ def encode_shards(
     return markers
 
 
+# --- the in-process engine ------------------------------------------------------------------------
+
+
+def encode_shards_local(
+    cfg: FeaturesConfig, source: Source, todo: list[dict[str, Any]], enc_size: int, progress: Progress
+) -> list[dict]:
+    """The same work as ``encode_shards`` in this process, without Ray: one encoder (on the GPU when
+    torch sees one), the next batch decoded on a thread while the current one is encoded."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    worker = EncoderWorker(cfg.encoder, device, cfg.encoder_threads or torch.get_num_threads())
+    batch = cfg.batch_size or (256 if device == "cuda" else 32)
+    queue = [(u, s, min(s + batch, u["stop"])) for u in todo for s in range(u["start"], u["stop"], batch)]
+
+    def decode(i: int):
+        _, start, stop = queue[i]
+        return decode_batch(source.slice(start, stop), cfg.image_size, enc_size, cfg.max_pixels)
+
+    markers: list[dict] = []
+    parts: tuple[list, list, list] = ([], [], [])
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(decode, 0) if queue else None
+        for i, (unit, start, stop) in enumerate(queue):
+            crops, recs, errs = pending.result()
+            pending = pool.submit(decode, i + 1) if i + 1 < len(queue) else None
+            for part, value in zip(parts, (recs, worker.encode(crops), errs)):
+                part.append(value)
+            progress.update(stop - start, len(errs))
+            if stop == unit["stop"]:
+                markers.append(write_shard(cfg.out, unit, *parts, cfg.feature_dtype))
+                parts = ([], [], [])
+    return markers
+
+
 def _start_ray(cfg: FeaturesConfig) -> bool:
     """Connect to (or start) Ray; True when this call started it (and must shut it down)."""
     import ray
@@ -610,9 +608,10 @@ def run(cfg: FeaturesConfig, progress: bool = True) -> dict[str, Any]:
         storage.remove(manifest_url)  # the set is incomplete until this run writes a new one
         n_done = sum(u["stop"] - u["start"] for u in plan if u["shard"] in done)
         bar = Progress(n, n_done, progress)
-        started = _start_ray(cfg)
+        started = cfg.engine == "ray" and _start_ray(cfg)
+        engine = encode_shards if cfg.engine == "ray" else encode_shards_local
         try:
-            new = encode_shards(cfg, source, todo, int(encoder["input_size"]), bar)
+            new = engine(cfg, source, todo, int(encoder["input_size"]), bar)
         finally:
             bar.close()
             if started:

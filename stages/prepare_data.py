@@ -1,10 +1,11 @@
 """Prepare the embedded default dataset: FashionMNIST as an ImageNet-style folder tree of PNGs.
 
-    python -m stages.prepare_data fashion-mnist --out data/fashion-mnist --train 10000 --test 1000
+    python -m stages.prepare_data fashion-mnist --out data/fashion-mnist-32 --train 10000 --test 1000
 
 Writes::
 
-    OUT/train/<class>/<index:05d>.png     28x28 grayscale PNGs, <index> = position in the source file
+    OUT/train/<class>/<index:05d>.png     SxS grayscale PNGs (``--size``, default 32; 0 keeps the
+                                          native 28x28), <index> = position in the source file
     OUT/test/<class>/<index:05d>.png
     OUT/prepared.json                     the done-marker: what was written, from which files
 
@@ -16,6 +17,11 @@ DIR``), else torchvision's FashionMNIST downloader (needs network) into ``--down
 
 Subset (deterministic, class balanced): the first ``N / 10`` images of every class in file order, so
 ``--train 10000`` takes, for each label, the 1000 lowest indices of ``train-*`` with that label.
+
+The images are resized once (bicubic, as the ADM crop resizes) to the training resolution S. Stage
+one's image crop of an SxS input at ``image_size`` S is then the image itself, and its encoder crop is
+resized from those same pixels, exactly the path a generated SxS sample takes to the encoder: real and
+generated images are compared through one function.
 
 The tree is written into ``OUT.partial-<pid>`` and renamed to ``OUT`` when complete, so ``OUT`` is
 either absent or whole; a second run with the same arguments finds the marker and does nothing.
@@ -166,16 +172,20 @@ def balanced_subset(labels: np.ndarray, total: int, num_classes: int = 10) -> np
     return np.sort(np.concatenate(chosen))
 
 
-def write_split(out: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> dict[str, int]:
-    """PNG per chosen index under ``out/<class>/<index:05d>.png``; returns per-class counts."""
+def write_split(
+    out: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, size: int = 0
+) -> dict[str, int]:
+    """PNG per chosen index under ``out/<class>/<index:05d>.png`` (resized to size x size unless size is
+    0); returns per-class counts."""
     counts = {name: 0 for name in FASHION_MNIST_CLASSES}
     for name in FASHION_MNIST_CLASSES:
         (out / name).mkdir(parents=True, exist_ok=True)
     for i in indices:
         name = FASHION_MNIST_CLASSES[int(labels[i])]
-        Image.fromarray(np.ascontiguousarray(images[i])).save(
-            out / name / f"{int(i):05d}.png", compress_level=6
-        )
+        img = Image.fromarray(np.ascontiguousarray(images[i]))
+        if size:
+            img = img.resize((size, size), Image.BICUBIC)
+        img.save(out / name / f"{int(i):05d}.png", compress_level=6)
         counts[name] += 1
     return counts
 
@@ -195,6 +205,7 @@ def prepare_fashion_mnist(
     source: str | Path = DEFAULT_SOURCE,
     download_dir: str | Path | None = None,
     allow_download: bool = True,
+    size: int = 32,
 ) -> dict:
     """Write the FashionMNIST subset tree at ``out`` (see the module docstring); returns the marker.
 
@@ -202,7 +213,9 @@ def prepare_fashion_mnist(
     a different one (remove it or choose another ``out``).
     """
     out = Path(out)
-    request = {"dataset": "fashion-mnist", "train": int(train), "test": int(test)}
+    if size < 0:
+        raise DataError(f"size must be 0 (native 28x28) or a positive side length, got {size}")
+    request = {"dataset": "fashion-mnist", "train": int(train), "test": int(test), "size": int(size) or 28}
     marker_path = out / MARKER
     if marker_path.is_file():
         marker = json.loads(marker_path.read_text())
@@ -232,7 +245,7 @@ def prepare_fashion_mnist(
         for split, total in (("train", train), ("test", test)):
             images, labels = load_split(src, split)
             indices = balanced_subset(labels, total)
-            marker["counts"][split] = write_split(tmp / split, images, labels, indices)
+            marker["counts"][split] = write_split(tmp / split, images, labels, indices, size)
             for p in idx_paths(src, split):
                 marker["files"][p.name] = _sha256(p)
         marker["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -257,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (local path)")
     parser.add_argument("--train", type=int, default=10000, help="train images, a multiple of 10")
     parser.add_argument("--test", type=int, default=1000, help="test images, a multiple of 10")
+    parser.add_argument("--size", type=int, default=32, help="side of the written images; 0 = native 28")
     parser.add_argument("--source", default=os.environ.get("FASHION_DIR", DEFAULT_SOURCE), help="idx folder")
     parser.add_argument(
         "--download-dir", default=None, help="torchvision download folder (OUT/../.downloads)"
@@ -268,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     try:
         marker = DATASETS[args.dataset](
-            out, args.train, args.test, args.source, args.download_dir, not args.no_download
+            out, args.train, args.test, args.source, args.download_dir, not args.no_download, args.size
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -44,7 +44,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from rcdm import checkpoint as ckpt_lib
 from rcdm import dist, storage
 from rcdm.config import ConfigError, to_dict, to_yaml
-from rcdm.data import DataConfig, DataError, FeatureStream, ShardSet, heldout, make_loader, open_shards
+from rcdm.data import (
+    DataConfig,
+    DataError,
+    FeatureStream,
+    ShardSet,
+    feature_statistics,
+    heldout,
+    make_loader,
+    open_shards,
+)
 from rcdm.diffusion import DiffusionConfig, GaussianDiffusion, build_diffusion
 from rcdm.ema import EMA
 from rcdm.images import make_grid, save_png, to_uint8
@@ -299,6 +308,8 @@ class Trainer:
         )
         self.diffusion: GaussianDiffusion = build_diffusion(cfg.diffusion)
         self.step, self.elapsed_before = 0, 0.0
+        if cfg.model.feature_norm == "standardize":  # (a resumed run restores them with the weights)
+            self.model.set_feature_stats(*(t.to(self.device) for t in feature_statistics(self.shard_set)))
         resumed = self.resume()
         self.saved_step = self.step if resumed else -1
         if info.is_main:

@@ -1,7 +1,6 @@
 """rcdm.api: loading our and released checkpoints with their encoders, seeds, interpolation, manipulation.
 
-The helpers at the top (a tiny checkpoint, images, a feature-shard set) are shared with
-tests/test_sample_stages.py.
+The tiny checkpoint, its images and feature sets come from tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -9,102 +8,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from rcdm import bank, checkpoint, editing, images, samplers, shards, storage
+from rcdm import checkpoint, editing, images, samplers, shards, storage
 from rcdm.api import RCDM, RCDMError, list_images, load_shard_features, sample_seeds
 from rcdm.config import to_dict
 from rcdm.diffusion import DiffusionConfig, build_diffusion
-from rcdm.encoders import load_encoder
-from rcdm.unet import UNet, UNetConfig
+from rcdm.unet import UNetConfig
+from tests.conftest import ENC_SIZE, SIZE, TINY, tiny_encoder, tiny_unet, write_feature_set
 
-SIZE = 16  # model image size
-ENC_SIZE = 32  # encoder input size
 STEPS = 3  # sampler steps: enough to exercise the loops, cheap on CPU
-TINY = UNetConfig(
-    image_size=SIZE, num_channels=32, num_res_blocks=1, attention_resolutions=(8,), num_heads=2,
-    channel_mult=(1, 2), feature_dim=1280,
-)  # fmt: skip
-
-
-def tiny_unet(cfg: UNetConfig = TINY, seed: int = 0) -> UNet:
-    """A UNet with every parameter perturbed: a fresh one has zero last convs and ignores its input."""
-    torch.manual_seed(seed)
-    model = UNet(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
-
-def tiny_encoder():
-    return load_encoder("mobilenet_v2", weights="random", input_size=ENC_SIZE, device="cpu")
-
-
-def save_tiny_run(run: str) -> str:
-    """One of our checkpoints, in the trainer's format, trained on a random-weight mobilenet_v2."""
-    model = tiny_unet()
-    sd = model.state_dict()
-    state = {
-        "step": 7,
-        "model": sd,
-        "ema": {"0.9999": sd},
-        "optimizer": {},
-        "config": {"model": to_dict(TINY), "diffusion": to_dict(DiffusionConfig())},
-        "encoder": tiny_encoder().describe(),
-    }
-    return checkpoint.save_checkpoint(run, state)
-
-
-def write_images(folder, n: int, seed: int = 0) -> list[str]:
-    """n random RGB images of different shapes (so the ADM crop matters)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        arr = rng.integers(0, 256, (36 + 4 * i, 44, 3), dtype=np.uint8)
-        paths.append(str(folder / f"img{i}.png"))
-        Image.fromarray(arr).save(paths[-1])
-    return paths
-
-
-def write_feature_set(root: str, crops: np.ndarray, feats: np.ndarray, encoder: dict) -> dict:
-    """A one-shard feature dataset (manifest + bank) holding crops (N, H, W, 3) and feats (N, D)."""
-    rows = [
-        shards.encode_sample(f"item{i}", crops[i], feats[i], feats[i], dtype="float32")
-        for i in range(len(crops))
-    ]
-    storage.write_bytes_atomic(storage.join(root, shards.shard_name(0)), shards.write_tar(rows))
-    manifest = {
-        "format": shards.FORMAT,
-        "encoder": encoder,
-        "feature_dtype": "float32",
-        "image": {"size": int(crops.shape[1]), "format": "png"},
-        "shards": [{"name": shards.shard_name(0), "count": len(rows)}],
-    }
-    storage.write_json_atomic(storage.join(root, shards.MANIFEST), manifest)
-    bank.build_bank(root, manifest)
-    return manifest
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and OpenMP threads spin when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("api")
-    run = str(tmp / "run")
-    save_tiny_run(run)
-    paths = write_images(tmp / "images", 4)
-    rcdm = RCDM.from_pretrained(run, device="cpu", steps=STEPS, batch_size=1)
-    return {"tmp": tmp, "run": run, "paths": paths, "rcdm": rcdm}
+def world(tiny_world):
+    return tiny_world("api", 4, steps=STEPS, batch_size=1)
 
 
 def test_our_checkpoint_recreates_its_random_encoder(world):

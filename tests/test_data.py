@@ -238,3 +238,52 @@ def test_stream_from_s3(s3_bucket):
     assert shard_set.urls[0].startswith("s3://")
     batch = next(_stream(shard_set, micro=12).batches(0, 1))
     assert sorted(batch["keys"]) == sorted(stored)
+
+
+# --- feature statistics -----------------------------------------------------------------------------
+
+
+def test_feature_statistics_from_bank_and_from_shards_match_numpy(tmp_path):
+    from rcdm.bank import build_bank
+
+    root = str(tmp_path / "feats")
+    stored = write_feature_set(root, [5, 7, 4], seed=3)
+    feats = np.stack([f for _, f in stored.values()])
+    both = np.concatenate([feats, -feats]).astype(np.float64)  # the stored mirrors are -feat
+    shard_set = data.open_shards(root, feature_dim=8, image_size=16)
+    mean, std = data.feature_statistics(shard_set)
+    np.testing.assert_allclose(mean.numpy(), both.mean(0), atol=1e-6)
+    np.testing.assert_allclose(std.numpy(), both.std(0, ddof=1), rtol=1e-5)
+
+    manifest = shards.read_manifest(root)
+    manifest["bank"] = shards.BANK
+    manifest["feature_dtype"] = "float32"  # the bank stores the manifest's dtype (float16 by default)
+    storage.write_json_atomic(storage.join(root, shards.MANIFEST), manifest)
+    build_bank(root, manifest, include_flip=True)
+    from_bank = data.feature_statistics(data.open_shards(root, feature_dim=8, image_size=16))
+    torch.testing.assert_close(from_bank, (mean, std))
+    _, sub_std = data.feature_statistics(data.open_shards(root, feature_dim=8, image_size=16), max_samples=2)
+    ends = np.concatenate([feats[[0, -1]], -feats[[0, -1]]]).astype(np.float64)  # the first and last rows
+    np.testing.assert_allclose(sub_std.numpy(), ends.std(0, ddof=1), rtol=1e-5)
+
+
+def test_feature_statistics_floor_constant_dimensions(tmp_path):
+    root = str(tmp_path / "feats")
+    samples = [
+        shards.encode_sample(
+            f"k{i}",
+            np.zeros((16, 16, 3), np.uint8),
+            np.array([float(i), 0.0, 2.0 * i], np.float32),
+            np.array([float(i), 0.0, 2.0 * i], np.float32),
+            dtype="float32",
+        )
+        for i in range(4)
+    ]
+    storage.write_bytes_atomic(storage.join(root, shards.shard_name(0)), shards.write_tar(samples))
+    manifest = {"format": shards.FORMAT, "encoder": {"name": "toy", "head": False, "feature_dim": 3},
+                "image": {"size": 16}, "shards": [{"name": shards.shard_name(0), "count": 4}]}  # fmt: skip
+    storage.write_json_atomic(storage.join(root, shards.MANIFEST), manifest)
+    mean, std = data.feature_statistics(data.open_shards(root, feature_dim=3, image_size=16))
+    s1 = float(np.std([0, 0, 1, 1, 2, 2, 3, 3], ddof=1))
+    torch.testing.assert_close(mean, torch.tensor([1.5, 0.0, 3.0]))
+    torch.testing.assert_close(std, torch.tensor([s1, 0.01 * s1, 2 * s1]))  # floor: 1% of the median, s1

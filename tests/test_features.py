@@ -159,6 +159,33 @@ def test_rerun_over_finished_output_is_a_noop(tree_run):
     assert _files(out) == before  # nothing rewritten: same bytes, same modification times
 
 
+def test_local_engine_writes_what_the_ray_engine_writes(tree_run, tmp_path):
+    """engine=local (no Ray): the same shard bytes, markers and bank; a rerun after losing a shard
+    rewrites only that shard."""
+    cfg = tree_run["cfg"]
+    out = tmp_path / "local"
+    summary = run(_cfg(cfg.data, str(out), engine="local"), progress=False)
+    assert summary["total"] == 9 and summary["written_shards"] == 3
+    ray_out = Path(cfg.out)
+    for rel in ["shards/000000.tar", "shards/000001.tar", "shards/000002.tar", "errors.jsonl"]:
+        assert (out / rel).read_bytes() == (ray_out / rel).read_bytes(), rel
+    for name in ["000000.json", "000001.json", "000002.json"]:
+        assert json.loads((out / "_progress" / name).read_text()) == json.loads(
+            (ray_out / "_progress" / name).read_text()
+        )
+    with FeatureBank(str(out / "bank.h5")) as a, FeatureBank(str(ray_out / "bank.h5")) as b:
+        assert np.array_equal(a.get(range(9)), b.get(range(9))) and a.keys == b.keys
+
+    (out / "shards" / "000001.tar").unlink()
+    (out / "_progress" / "000001.json").unlink()
+    before = {k: v for k, v in _files(out).items() if k.startswith("shards/")}
+    summary = run(_cfg(cfg.data, str(out), engine="local"), progress=False)
+    assert summary["written_shards"] == 1 and summary["total"] == 9
+    after = _files(out)
+    assert all(after[k] == v for k, v in before.items())  # the others untouched
+    assert after["shards/000001.tar"][1] == (ray_out / "shards/000001.tar").read_bytes()
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 

@@ -69,7 +69,10 @@ def test_balanced_subset_takes_first_per_class():
 def test_prepare_writes_balanced_tree_and_is_idempotent(tmp_path):
     source = make_source(tmp_path / "src")
     out = tmp_path / "fm"
-    marker = pd.prepare_fashion_mnist(out, train=20, test=10, source=tmp_path / "src", allow_download=False)
+    marker = pd.prepare_fashion_mnist(
+        out, train=20, test=10, source=tmp_path / "src", allow_download=False, size=0
+    )
+    assert marker["size"] == 28
     assert sorted(p.name for p in (out / "train").iterdir()) == list(pd.FASHION_MNIST_CLASSES)
     for split, per_class in (("train", 2), ("test", 1)):
         images, labels = source[split]
@@ -86,11 +89,29 @@ def test_prepare_writes_balanced_tree_and_is_idempotent(tmp_path):
 
     mtime = (out / pd.MARKER).stat().st_mtime_ns
     again = pd.prepare_fashion_mnist(
-        out, train=20, test=10, source=tmp_path / "nowhere", allow_download=False
+        out, train=20, test=10, source=tmp_path / "nowhere", allow_download=False, size=0
     )
     assert again == marker and (out / pd.MARKER).stat().st_mtime_ns == mtime  # nothing re-read or re-written
     with pytest.raises(pd.DataError, match="already holds"):
         pd.prepare_fashion_mnist(out, train=10, test=10, source=tmp_path / "src", allow_download=False)
+    with pytest.raises(pd.DataError, match="already holds"):  # same subset, another size
+        pd.prepare_fashion_mnist(out, train=20, test=10, source=tmp_path / "src", allow_download=False)
+
+
+def test_resized_images_are_what_the_adm_crop_makes_and_stage_one_keeps_them(tmp_path):
+    """At size 32 each PNG is the ADM center crop of the 28x28 original; stage one's 32x32 crop of it
+    is the image itself, so a stored crop and a generated sample reach the encoder by the same path."""
+    from rcdm import images
+
+    rng = np.random.default_rng(1)
+    originals = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    pd.write_split(tmp_path / "s", originals, np.arange(4, dtype=np.uint8), np.arange(4), size=32)
+    for i, name in enumerate(pd.FASHION_MNIST_CLASSES[:4]):
+        img = Image.open(tmp_path / "s" / name / f"{i:05d}.png")
+        assert img.mode == "L" and img.size == (32, 32)
+        adm = images.center_crop_arr(Image.fromarray(originals[i]).convert("RGB"), 32)
+        np.testing.assert_array_equal(np.asarray(img), adm[..., 0])
+        np.testing.assert_array_equal(images.center_crop_arr(img.convert("RGB"), 32), adm)
 
 
 def test_failure_leaves_no_output(tmp_path):

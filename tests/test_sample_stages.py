@@ -15,46 +15,29 @@ import pytest
 import torch
 
 from rcdm import editing, images, shards, storage
-from rcdm.api import RCDM, sample_seeds
+from rcdm.api import sample_seeds
 from rcdm.config import to_dict, to_yaml
 from rcdm.samplers import sample_seed
 from rcdm.unet import UNetConfig
 from stages import interpolate, manipulate, sample
-from tests.test_api import SIZE, TINY, save_tiny_run, tiny_unet, write_feature_set, write_images
+from tests.conftest import SIZE, TINY, tiny_unet, write_feature_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAST = ["sampler.steps=2", "progress=false", "device=cpu", "batch_size=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and OpenMP threads spin when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stages")
-    run = str(tmp / "run")
-    save_tiny_run(run)
-    paths = write_images(tmp / "images", 3)
-    rcdm = RCDM.from_pretrained(run, device="cpu", steps=2, batch_size=4)
-    cond = rcdm.prepare(paths)
-    feats = str(tmp / "feats")
+def world(tiny_world):
+    world = tiny_world("stages", 3, steps=2, batch_size=4)
+    rcdm, feats = world["rcdm"], str(world["tmp"] / "feats")
+    cond = rcdm.prepare(world["paths"])
     write_feature_set(
         feats, cond.reals.permute(0, 2, 3, 1).numpy(), cond.features.numpy(), rcdm.encoder.describe()
     )
-    return {
-        "tmp": tmp,
-        "run": run,
-        "paths": paths,
-        "folder": str(tmp / "images"),
-        "rcdm": rcdm,
-        "feats": feats,
-    }
+    return {**world, "feats": feats}
 
 
 def crop(path: str) -> torch.Tensor:

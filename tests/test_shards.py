@@ -111,6 +111,45 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert os.listdir(target.parent) == ["f.bin"]  # the temp file was removed
 
 
+def test_atomic_local_path_renames_on_exit_and_removes_the_temp_on_error(tmp_path):
+    target = tmp_path / "sub" / "bank.h5"
+    with storage.atomic_local_path(str(target)) as tmp:
+        assert os.path.dirname(tmp) == str(target.parent)  # same folder: the rename is atomic
+        assert storage.is_temp_name(os.path.basename(tmp))
+        with open(tmp, "wb") as f:
+            f.write(b"v1")
+        assert not target.exists()  # nothing visible until the block ends
+    assert target.read_bytes() == b"v1" and os.listdir(target.parent) == ["bank.h5"]
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with storage.atomic_local_path(f"file://{target}") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"partial")
+            raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"v1" and os.listdir(target.parent) == ["bank.h5"]
+
+
+def test_atomic_local_path_uploads_one_whole_object(s3_bucket):
+    url = storage.join(s3_bucket, "run", "ckpt.pt")
+    with storage.atomic_local_path(url) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"weights")
+        assert not storage.exists(url)
+    assert storage.read_bytes(url) == b"weights" and not os.path.exists(tmp)
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with storage.atomic_local_path(storage.join(s3_bucket, "run", "other.pt")) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"partial")
+            raise RuntimeError("writer failed")
+    assert not os.path.exists(tmp)
+    assert storage.listdir(storage.join(s3_bucket, "run")) == ["ckpt.pt"]
+
+
+def test_npy_bytes_round_trip():
+    arr = np.arange(6, dtype=np.float16).reshape(2, 3)
+    back = np.load(io.BytesIO(shards.npy_bytes(arr)), allow_pickle=False)
+    assert back.dtype == np.float16 and np.array_equal(back, arr)
+
+
 def test_retry_retries_transient_remote_errors_only():
     calls = []
 

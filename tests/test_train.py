@@ -359,6 +359,22 @@ def test_cfg_dropout_trains_the_learned_null_feature_and_resume_is_a_no_op_at_th
         check_compatible(state["config"], tiny_config(feats, out, "model.num_channels=64"), "x")
 
 
+def test_standardize_stores_the_training_feature_statistics(tmp_path):
+    from rcdm.data import feature_statistics, open_shards
+
+    feats = str(tmp_path / "feats")
+    write_feature_set(feats, [8, 4])
+    out = str(tmp_path / "run")
+    cfg = tiny_config(feats, out, "steps=2", "model.feature_norm=standardize")
+    assert Trainer(cfg, _single()).run() == 0
+    mean, std = feature_statistics(open_shards(feats, feature_dim=8, image_size=16))
+    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out))
+    for sd in [state["model"], *state["ema"].values()]:
+        assert torch.equal(sd["feat_mean"], mean) and torch.equal(sd["feat_std"], std)
+    model, _ = checkpoint.load_unet(out)
+    assert torch.equal(model.feat_std, std)
+
+
 def test_time_limit_stops_with_a_checkpoint(tmp_path):
     feats = str(tmp_path / "feats")
     write_feature_set(feats, [8])

@@ -205,6 +205,25 @@ def test_layernorm_features_ignore_per_sample_affine_changes():
         assert (model(x, t, feat) - model(x, t, feat.flip(1))).abs().max() > 1e-3
 
 
+def test_standardized_features_equal_raw_features_of_the_z_scores():
+    """feature_norm="standardize" with stats (m, s) on f == the same weights without norm on (f - m) / s."""
+    model = small_model(feature_norm="standardize")
+    plain = UNet(SMALL)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("feat_")})
+    x, t, feat = inputs()
+    mean, std = torch.randn(12), torch.rand(12) + 0.5
+    model.set_feature_stats(mean, std)
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"feat_mean", "feat_std"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, feat), plain.eval()(x, t, (feat - mean) / std))
+    with pytest.raises(ValueError, match="std > 0"):
+        model.set_feature_stats(mean, torch.zeros(12))
+    with pytest.raises(ValueError, match=r"must be \(12,\)"):
+        model.set_feature_stats(mean[:3], std[:3])
+    with pytest.raises(ValueError, match="need feature_norm='standardize'"):
+        plain.set_feature_stats(mean, std)
+
+
 def test_input_errors_say_what_is_wrong():
     model = UNet(SMALL)
     x, t, feat = inputs()
