@@ -43,9 +43,9 @@ data:
 
 # The embedded default as an image tree: data/fashion-mnist-32/{train,test}/<class>/*.png (32x32)
 DEMO_DATA := data/fashion-mnist-32
-prepare-data: $(DEMO_DATA)/.done
+prepare-data: $(DEMO_DATA)/prepared.json
 
-$(DEMO_DATA)/.done: | $(STAMP)
+$(DEMO_DATA)/prepared.json: | $(STAMP)
 	$(MAKE) --no-print-directory data
 	$(PY) -m stages.prepare_data fashion-mnist --out $(DEMO_DATA) --train 10000 --test 1000
 

@@ -6,6 +6,7 @@
 (b) the whole stage (``stages.features.run``: read JPEG files, decode, crop, encode, PNG + tar, write)
     over ``--images`` generated JPEGs, same encoder and batch, Ray already started; its img/s from the
     first finished batch (steady) and over the whole call (encoder start-up included).
+(c) the same stage with ``engine=local`` (one process, no Ray).
 The ratio (b)/(a) is how much of the encoder's speed the stage keeps. Then the peak memory (summed PSS
 of the stage's process tree: driver, raylet, workers, actor; shared pages counted once) of
 ``python -m stages.features`` over the first 1k and over 10k images with a small encoder: it should
@@ -76,10 +77,12 @@ def encoder_alone(name: str, input_size: int, batch: int, n: int, threads: int, 
         torch.set_num_threads(old)
 
 
-def stage(data: Path, out: Path, name: str, input_size: int, batch: int, threads: int) -> dict:
+def stage(
+    data: Path, out: Path, name: str, input_size: int, batch: int, threads: int, engine: str = "ray"
+) -> dict:
     cfg = FeaturesConfig(
         data=str(data), out=str(out), encoder=EncoderChoice(name, weights="random", input_size=input_size),
-        image_size=128, shard_size=1000, batch_size=batch, bank=False, encoder_threads=threads,
+        image_size=128, shard_size=1000, batch_size=batch, bank=False, encoder_threads=threads, engine=engine,
     )  # fmt: skip
     return run(cfg, progress=False)
 
@@ -177,7 +180,7 @@ def peak_memory(data: Path, out: Path, limit: int, input_size: int, cpus: int) -
 def throughput(
     args: argparse.Namespace, device: str, batch: int, cpus: int, actor_threads: int, tmp: Path
 ) -> tuple[str, list[tuple[str, str, str]]]:
-    """Rows (a), (a'), (b) of the throughput table."""
+    """Rows (a), (a'), (b), (c) of the throughput table."""
     import ray
 
     make_jpegs(tmp / "jpegs", args.images, tuple(args.jpeg_size))
@@ -190,6 +193,8 @@ def throughput(
         b = stage(tmp / "jpegs", tmp / "out", args.encoder, args.input_size, batch, actor_threads)
     finally:
         ray.shutdown()
+    # the in-process engine: decoding on a thread beside the encoder, which gets every core
+    c = stage(tmp / "jpegs", tmp / "out_local", args.encoder, args.input_size, batch, cpus, engine="local")
     w, h = args.jpeg_size
     what = f"{args.encoder} @{args.input_size}, batch {batch}, {args.images} JPEGs {w}x{h}"
     rows = [(f"(a) encoder alone, crop + mirror, pre-decoded, {cpus} threads", f"{a_all:.1f} img/s", "")]
@@ -200,6 +205,11 @@ def throughput(
                  f"(b)/(a) = {b['steady_images_per_s'] / a_all:.2f}"))  # fmt: skip
     rows.append(("(b) whole stage, run() incl. encoder start-up", f"{b['images_per_s']:.1f} img/s",
                  f"(b)/(a) = {b['images_per_s'] / a_all:.2f}"))  # fmt: skip
+    rows.append(("(c) engine=local, steady (from the first batch)", f"{c['steady_images_per_s']:.1f} img/s",
+                 f"(c)/(a) = {c['steady_images_per_s'] / a_all:.2f}, (c)/(b) = "
+                 f"{c['steady_images_per_s'] / b['steady_images_per_s']:.2f}"))  # fmt: skip
+    rows.append(("(c) engine=local, run() incl. encoder start-up", f"{c['images_per_s']:.1f} img/s",
+                 f"(c)/(a) = {c['images_per_s'] / a_all:.2f}"))  # fmt: skip
     return what, rows
 
 

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from rcdm.config import load_config, preset_path  # noqa: E402
+from rcdm.dist import native_bf16  # noqa: E402
 from rcdm.unet import UNet, UNetConfig  # noqa: E402
 
 # name -> (attention_backend, channels_last, bf16, compile)
@@ -70,16 +71,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def machine_description(device: torch.device) -> str:

@@ -27,6 +27,7 @@ decode is an input that stage one records as an error.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -36,6 +37,8 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 from rcdm import images, storage
 
@@ -62,7 +65,8 @@ class Input:
 
 
 class Source:
-    """A sorted list of inputs. Build it with :func:`list_source`."""
+    """A sorted list of inputs. Build it with :func:`list_source`; :meth:`shuffled` gives the same
+    inputs in a seeded random order (``Input.index`` stays the position in the sorted list)."""
 
     def __init__(
         self,
@@ -78,6 +82,7 @@ class Source:
         offsets: array | None = None,
         sizes: array | None = None,
         ignored: int = 0,
+        order: np.ndarray | None = None,
     ) -> None:
         self.url = url
         self.kind = kind
@@ -87,6 +92,13 @@ class Source:
         self._base = base  # URL the relative names are joined to
         self._labels = labels  # per input, -1 = unknown; None = no labels at all
         self._tars, self._tar_index, self._offsets, self._sizes = tars, tar_index, offsets, sizes
+        self._order = order  # position i of this view = sorted input order[i]; None = sorted
+
+    def shuffled(self, seed: int) -> Source:
+        """The same inputs in the order of ``numpy.random.default_rng(seed).permutation(len(self))``."""
+        view = copy.copy(self)
+        view._order = np.random.default_rng(seed).permutation(len(self._names))
+        return view
 
     def __len__(self) -> int:
         return len(self._names)
@@ -112,6 +124,8 @@ class Source:
     def __getitem__(self, i: int) -> Input:
         if not 0 <= i < len(self._names):
             raise IndexError(f"input {i} out of range (the source has {len(self._names)} inputs)")
+        if self._order is not None:
+            i = int(self._order[i])
         name = self._names[i]
         label = None
         if self._labels is not None and self._labels[i] != _NO_LABEL:
@@ -129,7 +143,8 @@ class Source:
         return (self[i] for i in range(len(self)))
 
     def digest(self, start: int, stop: int) -> str:
-        """SHA-1 of the ids and labels of inputs [start, stop): identifies a shard's work unit."""
+        """SHA-1 of the ids and labels of inputs [start, stop) (in this view's order): identifies a
+        shard's work unit."""
         h = hashlib.sha1()
         for inp in self.slice(start, stop):
             h.update(f"{inp.source}\t{inp.label}\n".encode())

@@ -21,7 +21,12 @@ Engine ``local``: the same per-batch and per-shard functions in one process, wit
 one encoder; the next batch is decoded on a thread while the current one is encoded). Both engines
 write identical shards, markers and manifests.
 
-Resume: shard ``i`` always holds inputs ``[i * shard_size, (i + 1) * shard_size)`` of the sorted list.
+Order: inputs are listed sorted (class folders in order), then, with ``order=shuffled`` (the default),
+permuted by ``numpy.random.default_rng(seed)``: shards of a class-sorted tree would otherwise each hold
+one or two classes, and a training stream that shuffles within a few shards would see batches of one
+class. ``order=sorted`` keeps the listing order.
+
+Resume: shard ``i`` always holds inputs ``[i * shard_size, (i + 1) * shard_size)`` of that order.
 Each shard is written whole (temp + rename, or one PUT), then ``_progress/{i:06d}.json`` records its
 count, its errors and a digest of its inputs. A rerun skips shards whose marker matches, so a killed run
 loses at most the shards in flight; ``errors.jsonl`` and the manifest are assembled from the markers.
@@ -86,7 +91,9 @@ class FeaturesConfig:
     engine: Literal["ray", "local"] = "ray"  # "local": one process, no Ray (one machine, one encoder)
     ray_address: str | None = None  # None = $RAY_ADDRESS if set, else local Ray; "auto" = join a cluster
     num_cpus: int | None = None  # CPUs of the local Ray (None = all); ignored with ray_address
-    limit: int | None = None  # only the first N inputs of the sorted list (smoke runs)
+    order: Literal["shuffled", "sorted"] = "shuffled"  # the order inputs are written in (see below)
+    seed: int = 0  # of the shuffled order
+    limit: int | None = None  # only the first N inputs in that order (smoke runs)
     bank: bool = True  # also write bank.h5
     labels: Literal["auto", "none"] = "auto"  # "auto": from class folders, list column or .cls
 
@@ -98,6 +105,8 @@ class FeaturesConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.order not in ("shuffled", "sorted"):
+            raise ValueError(f"order must be 'shuffled' or 'sorted', got {self.order!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1 (or null for all inputs), got {self.limit}")
         if not self.data or not self.out:
@@ -185,6 +194,7 @@ def run_identity(cfg: FeaturesConfig, encoder: dict[str, Any]) -> dict[str, Any]
         "max_pixels": cfg.max_pixels,
         "labels": cfg.labels,
         "data": cfg.data.rstrip("/"),
+        "order": cfg.order if cfg.order == "sorted" else f"shuffled, seed {cfg.seed}",
     }
 
 
@@ -258,6 +268,7 @@ def build_manifest(
         },
         "image": {"size": cfg.image_size, "format": "png"},
         "labels": labels,
+        "order": {"kind": cfg.order, "seed": cfg.seed if cfg.order == "shuffled" else None},
         "shards": [
             {"name": shards.shard_name(m["shard"]), "count": m["count"]} for m in markers if m["count"]
         ],
@@ -581,6 +592,8 @@ def run(cfg: FeaturesConfig, progress: bool = True) -> dict[str, Any]:
         source = list_source(cfg.data, labels=cfg.labels == "auto")
     except (SourceError, FileNotFoundError, PermissionError) as err:
         raise FeaturesError(str(err)) from None
+    if cfg.order == "shuffled":
+        source = source.shuffled(cfg.seed)
     n = len(source) if cfg.limit is None else min(cfg.limit, len(source))
     storage.makedirs(cfg.out)
     check_identity(cfg.out, run_identity(cfg, encoder), cfg)

@@ -37,7 +37,7 @@ CLASSES = ["a_cat", "b_dog", "c_emu"]
 def _cfg(data: str, out: str, **kw) -> FeaturesConfig:
     base = dict(
         data=data, out=out, encoder=ENCODER, image_size=16, shard_size=4, batch_size=3,
-        feature_dtype="float32", num_actors=1, decode_tasks=2, encoder_threads=1,
+        feature_dtype="float32", num_actors=1, decode_tasks=2, encoder_threads=1, order="sorted",
     )  # fmt: skip
     base.update(kw)
     return FeaturesConfig(**base)
@@ -186,6 +186,23 @@ def test_local_engine_writes_what_the_ray_engine_writes(tree_run, tmp_path):
     assert after["shards/000001.tar"][1] == (ray_out / "shards/000001.tar").read_bytes()
 
 
+def test_shuffled_order_is_a_seeded_permutation_and_part_of_the_identity(tree_run, tmp_path):
+    cfg, rels = tree_run["cfg"], tree_run["rels"]
+    out = str(tmp_path / "shuffled")
+    summary = run(_cfg(cfg.data, out, engine="local", order="shuffled", seed=3), progress=False)
+    assert summary["total"] == 9
+    perm = np.random.default_rng(3).permutation(len(rels))
+    samples = _read_all(out)
+    assert [s.key for s in samples] == [shards.make_key(rels[i]) for i in perm]
+    by_key = {s.key: s for s in _read_all(cfg.out)}  # the sorted run: same samples, other places
+    for s in samples:
+        assert np.array_equal(s.feature, by_key[s.key].feature) and s.label == by_key[s.key].label
+    assert shards.read_manifest(out)["order"] == {"kind": "shuffled", "seed": 3}
+    assert shards.read_manifest(cfg.out)["order"] == {"kind": "sorted", "seed": None}
+    with pytest.raises(FeaturesError, match="order: 'shuffled, seed 3' there, 'shuffled, seed 4' now"):
+        run(_cfg(cfg.data, out, engine="local", order="shuffled", seed=4), progress=False)
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 
@@ -316,7 +333,8 @@ def test_resume_after_kill_9(ray_session, tmp_path):
     rels = make_tree(tmp_path / "data", per_class=8)  # 24 inputs, 12 shards of 2
     out = tmp_path / "out"
     sets = [f"data={tmp_path / 'data'}", f"out={out}", "encoder.weights=random", "encoder.input_size=32",
-            "image_size=16", "shard_size=2", "batch_size=2", "feature_dtype=float32", "decode_tasks=1", "encoder_threads=1"]  # fmt: skip
+            "image_size=16", "shard_size=2", "batch_size=2", "feature_dtype=float32", "decode_tasks=1", "encoder_threads=1",
+            "order=sorted"]  # fmt: skip
     address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "stages.features", "--config", str(REPO / "configs/features/demo.yaml"),
            "--set", *sets, f"ray_address={address}"]  # fmt: skip

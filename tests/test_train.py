@@ -375,6 +375,57 @@ def test_standardize_stores_the_training_feature_statistics(tmp_path):
     assert torch.equal(model.feat_std, std)
 
 
+def test_sorted_shards_with_a_small_shuffle_buffer_get_a_note(tmp_path, capsys):
+    feats = str(tmp_path / "feats")
+    write_feature_set(feats, [8, 8])  # a manifest without "order": written in listing order
+    cfg = tiny_config(feats, str(tmp_path / "run"), "steps=1", "data.shuffle_buffer=8")
+    assert Trainer(cfg, _single()).run() == 0
+    assert "written in listing order and data.shuffle_buffer 8 < 16 samples" in capsys.readouterr().out
+    manifest = storage.read_json(storage.join(feats, "manifest.json"))
+    storage.write_json_atomic(
+        storage.join(feats, "manifest.json"), {**manifest, "order": {"kind": "shuffled", "seed": 0}}
+    )
+    cfg = tiny_config(feats, str(tmp_path / "run2"), "steps=1", "data.shuffle_buffer=8")
+    assert Trainer(cfg, _single()).run() == 0
+    assert "shuffle_buffer" not in capsys.readouterr().out
+
+
+def test_bf16_autocasts_only_where_the_device_has_native_bf16(monkeypatch):
+    from rcdm import dist
+    from stages import train
+
+    cfg = TrainConfig(precision="bf16")
+    monkeypatch.setattr(dist, "native_bf16", lambda device: True)
+    ctx = train.autocast_context(cfg, torch.device("cpu"))
+    with ctx:
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(dist, "native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        ctx = train.autocast_context(cfg, torch.device("cpu"))
+    with ctx:
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_channels_last_trains_the_same_model(tmp_path):
+    """NHWC memory format changes only the layout: same losses as NCHW up to rounding, and the
+    checkpoint loads into a plain UNet."""
+    feats = str(tmp_path / "feats")
+    write_feature_set(feats, [8])
+    runs = {}
+    for fmt in ("false", "true"):
+        out = str(tmp_path / f"run_{fmt}")
+        assert (
+            Trainer(
+                tiny_config(feats, out, "steps=3", "log_every=1", f"channels_last={fmt}"), _single()
+            ).run()
+            == 0
+        )
+        runs[fmt] = [m["loss"] for m in metrics(out)]
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-4)
+    model, _ = checkpoint.load_unet(str(tmp_path / "run_true"))
+    assert model.input_blocks[0][0].weight.is_contiguous()
+
+
 def test_time_limit_stops_with_a_checkpoint(tmp_path):
     feats = str(tmp_path / "feats")
     write_feature_set(feats, [8])
