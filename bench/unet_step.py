@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.machine import cpu_model  # noqa: E402
 from rcdm.config import load_config, preset_path  # noqa: E402
 from rcdm.dist import native_bf16  # noqa: E402
 from rcdm.unet import UNet, UNetConfig  # noqa: E402
@@ -61,16 +62,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_description(device: torch.device) -> str:

@@ -51,6 +51,7 @@ from rcdm.bank import FeatureBank
 from rcdm.checkpoint import CheckpointError, diffusion_config_of, load_unet
 from rcdm.config import to_yaml
 from rcdm.diffusion import build_diffusion
+from rcdm.dist import native_bf16
 from rcdm.encoders import Encoder, EncoderError, load_encoder
 from rcdm.samplers import sample, sample_seed
 from stages.cli import add_config_args, config_from_args, fail
@@ -77,6 +78,7 @@ class EvaluateConfig:
     seed: int = 0
     batch_size: int = 64
     grid_items: int = 8  # rows of samples.png
+    precision: Literal["fp32", "bf16"] = "fp32"  # sampling; bf16 autocasts where the device has native bf16
     device: str = "auto"  # "auto" = cuda when available
     inception_weights: Optional[str] = None  # local Inception-v3 weights file; None = FID/IS "absent"
 
@@ -187,14 +189,18 @@ def draw_samples(
     size = image_size
     out = []
     t0 = time.time()
+    bf16 = cfg.precision == "bf16" and native_bf16(torch.device(device))
+    if cfg.precision == "bf16" and not bf16:
+        print(f"note: precision bf16: this {device} has no native bf16; sampling in fp32", flush=True)
     for b in range(0, len(pairs), cfg.batch_size):
         batch = pairs[b : b + cfg.batch_size]
         f = feats[[i for i, _ in batch]].to(device)  # (B, D)
-        x = sample(
-            model, diffusion, (len(batch), 3, size, size), f, sampler=cfg.sampler, steps=cfg.steps,
-            eta=cfg.eta, guidance=cfg.guidance, seeds=[sample_seed(cfg.seed, i, j) for i, j in batch],
-            device=device,
-        )  # fmt: skip
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            x = sample(
+                model, diffusion, (len(batch), 3, size, size), f, sampler=cfg.sampler, steps=cfg.steps,
+                eta=cfg.eta, guidance=cfg.guidance, seeds=[sample_seed(cfg.seed, i, j) for i, j in batch],
+                device=device,
+            )  # fmt: skip
         out.append(images.to_uint8(x).cpu())
         done = b + len(batch)
         print(f"sampled {done}/{len(pairs)} ({time.time() - t0:.0f}s)", flush=True)
@@ -430,7 +436,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     result.update(
         n_items=n, samples_per_item=s, n_samples=n * s, num_classes=num_classes, k=cfg.k, metric=cfg.metric,
-        sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, seed=cfg.seed,
+        sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, seed=cfg.seed, precision=cfg.precision,
         checkpoint=info["source"], step=info.get("step"), encoder=enc.key, heldout=cfg.heldout, bank=cfg.bank,
         samples_npz=npz_name, samples_grid="samples.png", seconds=round(time.time() - t0, 1),
     )  # fmt: skip

@@ -197,3 +197,28 @@ def test_uint8_encoding_matches_preprocess(world):
     # batch composition changes float summation order: equal up to ~1e-4
     torch.testing.assert_close(ev.encode_uint8(enc, chw, chunk=3), direct, rtol=1e-2, atol=1e-3)
     assert images.to_hwc(chw).shape == crops.shape
+
+
+def test_bf16_sampling_autocasts_only_with_native_bf16(monkeypatch):
+    """precision=bf16 runs the UNet under bf16 autocast where the device has native bf16, else fp32."""
+    from rcdm.diffusion import build_diffusion
+
+    ucfg = UNetConfig(
+        image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions=(), num_heads=1,
+        channel_mult=(1, 2), feature_dim=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = UNet(ucfg).eval()
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+    diffusion = build_diffusion(DiffusionConfig())
+    feats = torch.randn(2, 4)
+    cfg = ev.EvaluateConfig(
+        checkpoint="x", heldout="x", bank="x", samples_per_item=1, steps=2, precision="bf16"
+    )
+    for native in (True, False):
+        monkeypatch.setattr(ev, "native_bf16", lambda device, native=native: native)
+        seen.clear()
+        out = ev.draw_samples(model, diffusion, feats, 16, cfg, "cpu")
+        assert out.shape == (2, 1, 3, 16, 16) and out.dtype == torch.uint8
+        assert seen and all(s is native for s in seen)
