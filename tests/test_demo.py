@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines import demo
 from tests.conftest import REPO
 from tests.test_prepare_data import make_source
 
@@ -60,3 +61,16 @@ def test_demo_smoke_and_resume(tmp_path):
     assert second.stdout.count("skipped") == 8, second.stdout
     again = json.loads((out / "metrics.json").read_text())
     assert again["minutes"] == m["minutes"] and again["class_agreement"] == m["class_agreement"]
+
+
+def test_time_box_and_precision_resolution(monkeypatch):
+    from rcdm import dist
+
+    assert demo.training_minutes("auto", "bf16") == 12.0 and demo.training_minutes("auto", "fp32") == 10.0
+    assert demo.training_minutes(7, "bf16") == 7.0 and demo.training_minutes(None, "fp32") is None
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(dist, "native_bf16", lambda device, native=native: native)
+        assert demo.resolve_precision("auto") == want
+    assert demo.resolve_precision("fp32") == "fp32"
+    with pytest.raises(ValueError, match="time_limit_minutes must be"):
+        demo.DemoConfig(time_limit_minutes="soon")
