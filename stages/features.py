@@ -181,6 +181,11 @@ def marker_url(out: str, index: int) -> str:
 # --- run identity and resume ----------------------------------------------------------------------
 
 
+def order_of(cfg: FeaturesConfig) -> dict[str, Any]:
+    """The order the inputs are written in, as the manifest and the run identity record it."""
+    return {"kind": cfg.order, "seed": cfg.seed if cfg.order == "shuffled" else None}
+
+
 def run_identity(cfg: FeaturesConfig, encoder: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs write interchangeable shards (compared when reusing an ``out``)."""
     return {
@@ -194,7 +199,7 @@ def run_identity(cfg: FeaturesConfig, encoder: dict[str, Any]) -> dict[str, Any]
         "max_pixels": cfg.max_pixels,
         "labels": cfg.labels,
         "data": cfg.data.rstrip("/"),
-        "order": cfg.order if cfg.order == "sorted" else f"shuffled, seed {cfg.seed}",
+        "order": order_of(cfg),
     }
 
 
@@ -268,7 +273,7 @@ def build_manifest(
         },
         "image": {"size": cfg.image_size, "format": "png"},
         "labels": labels,
-        "order": {"kind": cfg.order, "seed": cfg.seed if cfg.order == "shuffled" else None},
+        "order": order_of(cfg),
         "shards": [
             {"name": shards.shard_name(m["shard"]), "count": m["count"]} for m in markers if m["count"]
         ],

@@ -317,9 +317,9 @@ class Trainer:
         )
         self.diffusion: GaussianDiffusion = build_diffusion(cfg.diffusion)
         self.step, self.elapsed_before = 0, 0.0
-        if cfg.model.feature_norm == "standardize":  # (a resumed run restores them with the weights)
-            self.model.set_feature_stats(*(t.to(self.device) for t in feature_statistics(self.shard_set)))
         resumed = self.resume()
+        if cfg.model.feature_norm == "standardize" and not resumed:  # a resumed run has them in its weights
+            self.model.set_feature_stats(*(t.to(self.device) for t in feature_statistics(self.shard_set)))
         self.saved_step = self.step if resumed else -1
         if info.is_main:
             storage.makedirs(cfg.out)
