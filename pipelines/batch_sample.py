@@ -322,6 +322,7 @@ class SampleWorker:
                 f"{unit.describe()}: features are {data.features.shape[1]}-d but the model expects {dim}-d"
             )
         size = int(self.info["model"]["image_size"])
+        channels = self.model.cfg.in_channels
         pairs = [(r, j) for r in range(unit.count) for j in range(n)]  # item-major order
         feats = torch.from_numpy(data.features)  # (m, D)
         out: list[dict[str, bytes | str]] = []
@@ -329,10 +330,10 @@ class SampleWorker:
             batch = pairs[b : b + cfg.batch_size]
             rows = torch.tensor([r for r, _ in batch])
             seeds = [sample_seed(cfg.seed, unit.first_item + r, j) for r, j in batch]
-            x0 = sample(  # (B, 3, H, W) in [-1, 1]
+            x0 = sample(  # (B, C, H, W) in [-1, 1]
                 self.model,
                 self.diffusion,
-                (len(batch), 3, size, size),
+                (len(batch), channels, size, size),
                 feats[rows].to(self.device),
                 sampler=cfg.sampler.name,
                 steps=cfg.sampler.steps,
@@ -341,7 +342,7 @@ class SampleWorker:
                 seeds=seeds,
                 device=self.device,
             )
-            pixels = images.to_hwc(images.to_uint8(x0))  # (B, H, W, 3) uint8
+            pixels = images.to_hwc(images.to_uint8(images.to_channels(x0, 3)))  # (B, H, W, 3) uint8
             for (r, j), seed, px in zip(batch, seeds, pixels):
                 item = unit.first_item + r
                 out.append(

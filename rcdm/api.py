@@ -475,7 +475,7 @@ class RCDM:
 
         dtype = PRECISIONS[self.precision]
         net = self.model if dtype is None else _Autocast(self.model, dtype)
-        size = self.image_size
+        size, channels = self.image_size, self.model.cfg.in_channels
         n_batches = -(-feats.shape[0] // self.batch_size)
         out = []
         with tqdm(
@@ -484,11 +484,11 @@ class RCDM:
             for start in range(0, feats.shape[0], self.batch_size):
                 f = feats[start : start + self.batch_size].to(self.device, torch.float32)  # (B, D)
                 x = samplers.sample(
-                    net, self.diffusion, (f.shape[0], 3, size, size), f, sampler=sampler, steps=steps,
+                    net, self.diffusion, (f.shape[0], channels, size, size), f, sampler=sampler, steps=steps,
                     eta=eta, guidance=guidance, seeds=list(seeds[start : start + self.batch_size]),
                     callback=lambda _: bar.update(1), device=self.device,
                 )  # fmt: skip
-                out.append(x.float().cpu())
+                out.append(images.to_channels(x.float().cpu(), 3))  # a grey model's samples as RGB
         return torch.cat(out)
 
     def _generate_grid(self, grid: Tensor, seeds: Sequence[int], **sampling: Any) -> Tensor:

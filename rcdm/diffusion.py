@@ -188,6 +188,7 @@ class DiffusionConfig:
     use_kl: bool = False
     predict_xstart: bool = False
     model_var_type: Optional[ModelVarType] = None
+    min_snr_gamma: Optional[float] = None
 
     def __post_init__(self) -> None:
         spacing = self.timestep_respacing
@@ -205,6 +206,10 @@ class DiffusionConfig:
                 f"model_var_type must be 'learned_range', 'fixed_large', 'fixed_small' or null, "
                 f"got {self.model_var_type!r}"
             )
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or null (uniform weights), got {self.min_snr_gamma}")
+        if self.min_snr_gamma is not None and self.use_kl:
+            raise ValueError("min_snr_gamma weights the mse term, which use_kl=true does not train: set one")
         if self.model_var_type == "learned_range" and not self.learn_sigma:
             raise ValueError(
                 "model_var_type 'learned_range' needs the variance channels: set learn_sigma=true"
@@ -241,6 +246,7 @@ class GaussianDiffusion:
         rescale_learned_sigmas: bool = False,
         use_kl: bool = False,
         predict_xstart: bool = False,
+        min_snr_gamma: Optional[float] = None,
     ) -> None:
         self.config = DiffusionConfig(
             steps=steps,
@@ -251,6 +257,7 @@ class GaussianDiffusion:
             use_kl=use_kl,
             predict_xstart=predict_xstart,
             model_var_type=model_var_type,
+            min_snr_gamma=min_snr_gamma,
         )
         cfg = self.config
         self.original_num_steps = steps
@@ -261,6 +268,7 @@ class GaussianDiffusion:
         self.predict_xstart = predict_xstart
         self.rescale_learned_sigmas = rescale_learned_sigmas
         self.use_kl = use_kl
+        self.min_snr_gamma = min_snr_gamma
 
         base_betas = named_betas(noise_schedule, steps)  # (T,) float64
         if cfg.timestep_respacing:
@@ -307,6 +315,7 @@ class GaussianDiffusion:
             "posterior_mean_coef2": (1.0 - ab_prev) * alphas.sqrt() / (1.0 - ab),
             "fixed_large_variance": fixed_large_variance,
             "fixed_large_log_variance": torch.log(fixed_large_variance),
+            "snr": ab / (1.0 - ab),
         }
         self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
 
@@ -324,7 +333,7 @@ class GaussianDiffusion:
         broadcast against an ndim-dimensional batch. Names: betas, log_betas, alphas_cumprod,
         alphas_cumprod_prev, (sqrt_)one_minus_alphas_cumprod, sqrt_alphas_cumprod, log_one_minus_alphas_cumprod,
         sqrt_recip(m1)_alphas_cumprod, posterior_variance, posterior_log_variance_clipped,
-        posterior_mean_coef1/2, fixed_large_(log_)variance."""
+        posterior_mean_coef1/2, fixed_large_(log_)variance, snr (= alphas_cumprod / (1 - alphas_cumprod))."""
         if name not in self._tables:
             raise KeyError(f"no coefficient table '{name}'; known: {sorted(self._tables)}")
         tables = self._device_tables.get(t.device)
@@ -522,7 +531,8 @@ class GaussianDiffusion:
     ) -> dict[str, Tensor]:
         """Per-sample (N,) losses at timesteps t for clean images x0 (N, C, H, W) in [-1, 1].
 
-        * ``mse`` = mean_flat((target - prediction)^2), target eps (or x0 with ``predict_xstart``);
+        * ``mse`` = mean_flat((target - prediction)^2), target eps (or x0 with ``predict_xstart``); with
+          ``min_snr_gamma`` it is weighted per sample by ``mse_weight(t)`` (Min-SNR-gamma, Hang et al. 2023);
         * ``vb``  = one variational-bound term in bits/dim (``vb_terms_bpd_from_output``, no clipping),
           computed with the eps channels DETACHED so the variance channels learn only from it
           (Nichol & Dhariwal's L_hybrid); times num_timesteps/1000 with ``rescale_learned_sigmas``;
@@ -536,6 +546,8 @@ class GaussianDiffusion:
         prediction, v = self.split_output(output, xt)
         target = x0 if self.predict_xstart else noise
         mse = mean_flat((target - prediction) ** 2)
+        if self.min_snr_gamma is not None:
+            mse = mse * self.mse_weight(t)
         if self.use_kl:
             vb = self.vb_terms_bpd_from_output(output, x0, xt, t, clip_denoised=False)["output"]
             return {"loss": vb * self.num_timesteps, "mse": mse, "vb": vb}
@@ -548,6 +560,20 @@ class GaussianDiffusion:
         with torch.no_grad():
             vb = self.vb_terms_bpd_from_output(frozen, x0, xt, t, clip_denoised=False)["output"]
         return {"loss": mse, "mse": mse, "vb": vb}
+
+    def mse_weight(self, t: Tensor) -> Tensor:
+        """Min-SNR-gamma weight of the mse term at timesteps t: (N,) float32 (Hang et al. 2023, eq. 8).
+
+        With SNR_t = alphas_cumprod_t / (1 - alphas_cumprod_t): min(SNR_t, gamma) / SNR_t for an eps target
+        (1 where SNR_t <= gamma, less at the nearly clean steps), min(SNR_t, gamma) for an x0 target. The
+        weights of the x0 error are then min(SNR_t, gamma) in both cases: the many easy low-noise steps stop
+        dominating the gradient, which speeds up training.
+        """
+        if self.min_snr_gamma is None:
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        snr = self.extract("snr", t, 1)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return clipped if self.predict_xstart else clipped / snr
 
     # --- likelihood ---
 

@@ -106,6 +106,28 @@ def to_model(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.float().div(127.5).sub(1.0).contiguous()
 
 
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, PIL's convert("L")
+
+
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images (..., C, H, W) in the model range with C in {1, 3} -> (..., channels, H, W).
+
+    RGB to one channel is the BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (exactly the grey level of a
+    grey image, whose three channels are equal); one channel to RGB repeats it. A model for grey data
+    (``UNetConfig.in_channels = 1``) trains on the luma of the stored RGB crops, and its samples go back
+    to RGB before an encoder or a picture sees them.
+    """
+    have = x.shape[-3]
+    if have == channels:
+        return x
+    if have == 3 and channels == 1:
+        w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x * w).sum(dim=-3, keepdim=True)
+    if have == 1 and channels == 3:
+        return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
+    raise ValueError(f"cannot turn {have}-channel images into {channels}-channel ones: images have 1 or 3")
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float (..., 3, H, W) in [-1, 1] -> uint8 (..., 3, H, W), rounded to the nearest level."""
     return ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)

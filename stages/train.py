@@ -17,7 +17,9 @@ One step: every rank draws its micro-batches, t ~ U{0..T-1}, eps ~ N(0, I), repl
 ``model.null_feature`` with probability ``p_uncond`` (classifier-free guidance), and back-propagates the
 hybrid loss ``mse + vb`` (GaussianDiffusion.training_losses); DDP averages the gradients; AdamW steps;
 every EMA moves towards the new weights. SIGTERM/SIGINT (and ``time_limit_minutes``) end the run after
-the current step with a checkpoint and exit code 0, on every rank at the same step.
+the current step with a checkpoint and exit code 0, on every rank at the same step. ``min_snr_gamma``
+(diffusion) weights the mse term by Min-SNR-gamma; ``model.in_channels: 1`` trains a grey model on the
+luma of the crops.
 
 Outputs in ``out``: config.yaml, checkpoints/ckpt_<step>.pt + checkpoints/latest, metrics.jsonl (one JSON
 line per logged step), samples/step_<step>.png (EMA samples; each row the real image then samples of
@@ -56,7 +58,7 @@ from rcdm.data import (
 )
 from rcdm.diffusion import DiffusionConfig, GaussianDiffusion, build_diffusion
 from rcdm.ema import EMA
-from rcdm.images import make_grid, save_png, to_uint8
+from rcdm.images import make_grid, save_png, to_channels, to_uint8
 from rcdm.samplers import sample, sample_seed
 from rcdm.shards import ManifestError
 from rcdm.unet import UNet, UNetConfig
@@ -73,7 +75,10 @@ class TrainConfig:
     whole per-rank batch) accumulates gradients over per_rank / micro_batch passes. ``grad_clip`` None
     = no clipping (as upstream). ``resume``: "auto" (the newest complete checkpoint in out, if any),
     "none" (start over), or a checkpoint URL. ``sample_every`` 0 = no sample grids; the grid conditions
-    on the first ``sample_count`` samples of ``sample_shard`` (None = the last shard).
+    on the first ``sample_count`` samples of ``sample_shard`` (None = the last shard). ``decay_fraction``
+    f > 0 lets the lr fall linearly to 0 over the last f of the run (``lr_at``); a run bounded by
+    ``time_limit_minutes`` first times its steps, then plans the step where the box will end (saved in
+    its checkpoints, kept on resume) and decays towards that step.
     """
 
     model: UNetConfig = field(default_factory=UNetConfig)
@@ -85,6 +90,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    decay_fraction: float = 0.0  # the last fraction of the run: lr falls linearly to 0 (0 = constant lr)
     grad_clip: float | None = None
     ema_rates: tuple[float, ...] = (0.9999,)
     ema_warmup: bool = False  # rate of update n = min(r, (1 + n) / (10 + n)); off as upstream
@@ -113,6 +119,8 @@ class TrainConfig:
         for name in ("warmup_steps", "sample_every", "keep_last", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
         if self.p_uncond > 0 and self.model.feature_dim is None:
@@ -121,6 +129,11 @@ class TrainConfig:
             raise ValueError(f"micro_batch must be >= 1 or null, got {self.micro_batch}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or null (off), got {self.grad_clip}")
+        if self.model.in_channels not in (1, 3):
+            raise ValueError(
+                f"model.in_channels must be 3 (RGB) or 1 (the luma, for grey data such as the demo's), got "
+                f"{self.model.in_channels}: the shards hold RGB crops"
+            )
         if self.model.learn_sigma != self.diffusion.learn_sigma:
             raise ValueError(
                 f"model.learn_sigma={self.model.learn_sigma} but diffusion.learn_sigma="
@@ -181,11 +194,33 @@ def step_seed(seed: int, world_size: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed * world_size + rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then constant (upstream: constant 1e-4)."""
+def lr_at(cfg: TrainConfig, step: int, end: int | None = None) -> float:
+    """The learning rate of step ``step`` (0-based) in a run of ``end`` steps (default ``cfg.steps``).
+
+    Linear warm-up over ``warmup_steps``, then constant (upstream: constant 1e-4). With ``decay_fraction``
+    f > 0 the last n = round(f * end) steps fall linearly towards 0, ``lr * (end - step) / n``
+    (warm-up, stable, decay: the final decay buys most of what a cosine schedule gives, and the stable
+    part does not depend on where the run ends).
+    """
+    end = cfg.steps if end is None else end
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay_fraction > 0:
+        n = max(1, round(cfg.decay_fraction * end))
+        if step >= end - n:
+            return cfg.lr * max(end - step, 0) / n
     return cfg.lr
+
+
+# The time-boxed run measures its speed over these steps (after the first few, which are slow) to place
+# its end step, so that a decaying learning rate reaches its end inside the box.
+SPEED_SKIP, SPEED_STEPS, SPEED_MARGIN = 10, 40, 0.97
+
+
+def planned_end(step: int, seconds_per_step: float, seconds_left: float, steps: int) -> int:
+    """The step a time-boxed run will reach: ``SPEED_MARGIN`` of the time left at the measured speed,
+    never beyond ``steps`` and never before the next step."""
+    return max(step + 1, min(steps, step + int(SPEED_MARGIN * seconds_left / max(seconds_per_step, 1e-9))))
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -304,6 +339,7 @@ class Trainer:
         self.device = info.device
         self.start_time = time.time()
         self.stop_signal: int | None = None
+        self.speed_mark: float | None = None  # when plan_end began timing steps
         self.per_rank, self.micro, self.accum = batch_split(cfg, info.world_size)
         self.shard_set = preflight(cfg, info)
 
@@ -317,6 +353,7 @@ class Trainer:
         )
         self.diffusion: GaussianDiffusion = build_diffusion(cfg.diffusion)
         self.step, self.elapsed_before = 0, 0.0
+        self.end_step, self.end_planned = cfg.steps, False  # a time box with lr decay plans its end step
         resumed = self.resume()
         if cfg.model.feature_norm == "standardize" and not resumed:  # a resumed run has them in its weights
             self.model.set_feature_stats(*(t.to(self.device) for t in feature_statistics(self.shard_set)))
@@ -368,6 +405,8 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed", 0.0))
+        if self.plans_end() and state.get("end_step") is not None:  # the interrupted run's plan holds
+            self.end_step, self.end_planned = min(cfg.steps, int(state["end_step"])), True
         if self.info.is_main:
             print(f"resumed from {url} at step {self.step}", flush=True)
             if notes:
@@ -392,6 +431,7 @@ class Trainer:
                 "world_size": self.info.world_size,
                 "samples_seen": self.step * self.cfg.data.batch_size,
                 "elapsed": self.elapsed(),
+                "end_step": self.end_step if self.end_planned else None,
                 "config": to_dict(self.cfg),
                 "encoder": self.shard_set.manifest.get("encoder"),
             }
@@ -424,13 +464,14 @@ class Trainer:
         torch.manual_seed(seed)  # dropout
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)  # timesteps, noise, feature dropout
-        lr = lr_at(cfg, self.step)
+        lr = lr_at(cfg, self.step, self.end_step)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for i, mb in enumerate(batches):
-            x0 = mb["x"].to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            x0 = to_channels(mb["x"].to(device, non_blocking=True), cfg.model.in_channels)
+            x0 = x0.contiguous(memory_format=self.memory_format)  # (n, C, H, W): C = 1 trains on the luma
             n = x0.shape[0]
             t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen, device=device)
             noise = torch.randn(x0.shape, generator=gen, device=device)
@@ -473,12 +514,13 @@ class Trainer:
         model = self.ema.copy_to(self.sample_model)
         cond = feat.repeat_interleave(k, 0).to(self.device) if cfg.model.feature_dim is not None else None
         seeds = [sample_seed(cfg.seed, i, j) for i in range(n) for j in range(k)]
-        shape = (n * k, x_real.shape[1], x_real.shape[2], x_real.shape[3])
+        shape = (n * k, cfg.model.in_channels, x_real.shape[2], x_real.shape[3])
         with torch.no_grad():
             xs = sample(
                 model, self.diffusion, shape, cond, sampler="ddim", steps=cfg.sample_steps, seeds=seeds
             )
-        rows = torch.cat([x_real[:, None], xs.cpu().view(n, k, *shape[1:])], dim=1)  # (n, 1 + k, 3, H, W)
+        xs = to_channels(xs.cpu(), 3).view(n, k, 3, *shape[2:])
+        rows = torch.cat([x_real[:, None], xs], dim=1)  # (n, 1 + k, 3, H, W)
         grid = make_grid(to_uint8(rows.flatten(0, 1)), nrow=k + 1)
         url = storage.join(cfg.out, "samples", f"step_{self.step:07d}.png")
         save_png(grid, url)
@@ -493,10 +535,10 @@ class Trainer:
 
     def run(self) -> int:
         cfg, info = self.cfg, self.info
-        if self.step >= cfg.steps:
+        if self.step >= self.end_step:
             if info.is_main:
                 print(
-                    f"{cfg.out} is already at step {self.step} >= steps {cfg.steps}: nothing to do",
+                    f"{cfg.out} is already at step {self.step} >= steps {self.end_step}: nothing to do",
                     flush=True,
                 )
             return 0
@@ -538,6 +580,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         window = np.zeros(4)  # loss, mse, vb sums and step count since the last log line
         window_start, window_step = time.time(), self.step
+        loop_start = self.step
         batches, error = self.fetch(it)
         while True:
             limit = cfg.time_limit_minutes
@@ -555,18 +598,44 @@ class Trainer:
                 return 0
             loss, mse, vb = self.train_step(batches)
             window += (loss, mse, vb, 1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == self.end_step:
                 sums = dist.all_reduce_sum(window.tolist(), info)
                 self.log(sums, time.time() - window_start, self.step - window_step)
                 window[:] = 0
                 window_start, window_step = time.time(), self.step
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.ckpt_every == 0 or self.step == self.end_step:
                 self.save()
             if cfg.sample_every and self.step % cfg.sample_every == 0 and info.is_main:
                 self.save_samples()
-            if self.step >= cfg.steps:
+            if self.step >= self.end_step:
                 return 0
+            if self.plans_end() and not self.end_planned:
+                self.plan_end(loop_start)
             batches, error = self.fetch(it)
+
+    def plans_end(self) -> bool:
+        """A time box with a decaying lr: the run must know where it ends to decay towards it."""
+        return self.cfg.time_limit_minutes is not None and self.cfg.decay_fraction > 0
+
+    def plan_end(self, first_step: int) -> None:
+        """Place the time-boxed run's end step from its speed over SPEED_STEPS steps (means over ranks,
+        so every rank plans the same step); it is saved with every checkpoint and kept on resume."""
+        done = self.step - first_step
+        if done == SPEED_SKIP:
+            self.speed_mark = time.time()
+        elif done == SPEED_SKIP + SPEED_STEPS and self.speed_mark is not None:
+            per_step = (time.time() - self.speed_mark) / SPEED_STEPS
+            left = self.cfg.time_limit_minutes * 60 - self.elapsed_since_start()
+            sums = dist.all_reduce_sum([per_step, left], self.info)
+            per_step, left = (v / self.info.world_size for v in sums)
+            self.end_step, self.end_planned = planned_end(self.step, per_step, left, self.cfg.steps), True
+            if self.info.is_main:
+                start = self.end_step - max(1, round(self.cfg.decay_fraction * self.end_step))
+                print(
+                    f"time box: {per_step:.3f} s/step, so the run ends at step {self.end_step}; the learning "
+                    f"rate falls linearly to 0 from step {max(start, self.step)}",
+                    flush=True,
+                )
 
     def elapsed_since_start(self) -> float:
         return time.time() - self.start_time
@@ -577,20 +646,20 @@ class Trainer:
         count = sums[3]  # steps x ranks
         loss, mse, vb = (s / count for s in sums[:3])
         ips = steps * self.cfg.data.batch_size / max(seconds, 1e-9)
-        eta = (self.cfg.steps - self.step) * seconds / max(steps, 1)
+        eta = (self.end_step - self.step) * seconds / max(steps, 1)
         record = {
             "step": self.step,
             "loss": loss,
             "mse": mse,
             "vb": vb,
-            "lr": lr_at(self.cfg, self.step - 1),
+            "lr": lr_at(self.cfg, self.step - 1, self.end_step),
             "images_per_sec": ips,
             "elapsed": self.elapsed(),
             "epoch": self.step * self.cfg.data.batch_size / self.shard_set.total,
         }
         self.metrics.append(record)
         print(
-            f"step {self.step}/{self.cfg.steps} | loss {loss:.4f} mse {mse:.4f} vb {vb:.4f} | "
+            f"step {self.step}/{self.end_step} | loss {loss:.4f} mse {mse:.4f} vb {vb:.4f} | "
             f"lr {record['lr']:.2e} | {ips:.1f} img/s | elapsed {fmt_time(record['elapsed'])} | ETA {fmt_time(eta)}",
             flush=True,
         )

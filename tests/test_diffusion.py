@@ -389,3 +389,32 @@ def test_calc_bpd_loop_sums_terms_and_prior():
     ab = ref_linear_alpha_bar()[-1]
     prior = 0.5 * (-1 - math.log(1 - ab) + (1 - ab) + ab * (x0.double() ** 2)).mean() / math.log(2)
     assert out["prior_bpd"].item() == pytest.approx(prior.item(), rel=1e-3)
+
+
+def test_min_snr_weight_closed_form():
+    """Hang et al. 2023: the x0-error weight is min(SNR_t, gamma), SNR_t = alpha_bar / (1 - alpha_bar)."""
+    d = GaussianDiffusion(steps=1000, noise_schedule="cosine", min_snr_gamma=5.0)
+    t = torch.arange(1000)
+    ab = np.cumprod(1.0 - named_betas("cosine", 1000).numpy())
+    snr = ab / (1.0 - ab)
+    w = d.mse_weight(t).double().numpy()
+    np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-5)  # eps target
+    assert (w[snr <= 5.0] == 1.0).all() and (w[snr > 5.0] < 1.0).all() and w[0] < 1e-3
+    x0_target = GaussianDiffusion(steps=1000, noise_schedule="cosine", predict_xstart=True, min_snr_gamma=5.0)
+    np.testing.assert_allclose(x0_target.mse_weight(t).double().numpy(), np.minimum(snr, 5.0), rtol=1e-5)
+    assert torch.equal(GaussianDiffusion().mse_weight(t), torch.ones(1000))
+
+
+def test_min_snr_weights_only_the_mse_term():
+    t = torch.tensor([0, 3, 400, 999])
+    x0, noise, eps_pred, v = _hybrid_setup(t, seed=10)
+    plain = GaussianDiffusion().training_losses(FixedOutput(torch.cat([eps_pred, v], 1)), x0, t, noise=noise)
+    d = GaussianDiffusion(min_snr_gamma=5.0)
+    out = d.training_losses(FixedOutput(torch.cat([eps_pred, v], 1)), x0, t, noise=noise)
+    torch.testing.assert_close(out["mse"], plain["mse"] * d.mse_weight(t))
+    torch.testing.assert_close(out["vb"], plain["vb"])
+    torch.testing.assert_close(out["loss"], out["mse"] + out["vb"])
+    with pytest.raises(ValueError, match="min_snr_gamma must be > 0"):
+        DiffusionConfig(min_snr_gamma=0.0)
+    with pytest.raises(ValueError, match="use_kl"):
+        DiffusionConfig(min_snr_gamma=5.0, use_kl=True)

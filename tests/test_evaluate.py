@@ -222,3 +222,20 @@ def test_bf16_sampling_autocasts_only_with_native_bf16(monkeypatch):
         out = ev.draw_samples(model, diffusion, feats, 16, cfg, "cpu")
         assert out.shape == (2, 1, 3, 16, 16) and out.dtype == torch.uint8
         assert seen and all(s is native for s in seen)
+
+
+def test_a_grey_models_samples_reach_the_encoder_as_rgb():
+    from rcdm.diffusion import build_diffusion
+
+    ucfg = UNetConfig(
+        image_size=16, in_channels=1, num_channels=32, num_res_blocks=1, attention_resolutions=(),
+        num_heads=1, channel_mult=(1, 2), feature_dim=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cfg = ev.EvaluateConfig(checkpoint="x", heldout="x", bank="x", samples_per_item=2, steps=2)
+    out = ev.draw_samples(
+        UNet(ucfg).eval(), build_diffusion(DiffusionConfig()), torch.randn(2, 4), 16, cfg, "cpu"
+    )
+    assert out.shape == (2, 2, 3, 16, 16)
+    assert (out[:, :, 0] == out[:, :, 1]).all() and (out[:, :, 1] == out[:, :, 2]).all()
+    assert out.float().std() > 0

@@ -110,3 +110,19 @@ def test_png_round_trip(tmp_path):
     arr = np.random.default_rng(2).integers(0, 256, (8, 9, 3), dtype=np.uint8)
     images.save_png(arr, str(tmp_path / "a.png"))
     assert np.array_equal(images.decode_png((tmp_path / "a.png").read_bytes()), arr)
+
+
+def test_to_channels_luma_and_back():
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(2, 1, 4, 4, generator=g) * 2 - 1
+    rgb = images.to_channels(grey, 3)
+    assert rgb.shape == (2, 3, 4, 4) and (rgb == grey).all()  # repeated
+    torch.testing.assert_close(images.to_channels(rgb, 1), grey)  # the luma of a grey image is its level
+    colour = torch.tensor([1.0, -1.0, 0.0]).view(1, 3, 1, 1)  # red, no green, half blue, in [-1, 1]
+    # BT.601 of the pixel (255, 0, 127.5): 0.299 * 255 + 0.114 * 127.5
+    luma = images.to_channels(colour, 1)
+    assert luma.shape == (1, 1, 1, 1)
+    assert (luma.item() + 1) * 127.5 == pytest.approx(0.299 * 255 + 0.114 * 127.5, abs=1e-4)
+    assert images.to_channels(colour, 3) is colour
+    with pytest.raises(ValueError, match="images have 1 or 3"):
+        images.to_channels(torch.zeros(1, 2, 4, 4), 3)

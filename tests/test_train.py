@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_data import write_feature_set
@@ -506,3 +507,60 @@ def test_presets_load():
         None,
     )
     assert cfg.model.feature_dim == 2048 and cfg.precision == "fp32"
+
+
+def test_grey_model_trains_on_the_luma_and_samples_rgb(tmp_path):
+    """model.in_channels=1: the RGB crops become their BT.601 luma, samples go back to RGB (R = G = B)."""
+    feats = str(tmp_path / "feats")
+    write_feature_set(feats, [8])
+    out = str(tmp_path / "run")
+    extra = ("steps=2", "model.in_channels=1", "sample_every=2", "sample_count=2", "sample_per_row=2")
+    assert Trainer(tiny_config(feats, out, *extra), _single()).run() == 0
+    model, _ = checkpoint.load_unet(out)
+    assert model.cfg.in_channels == 1 and model.out[-1].out_channels == 2  # eps and v, one channel each
+    from PIL import Image
+
+    grid = np.asarray(Image.open(os.path.join(out, "samples", "step_0000002.png")).convert("RGB"))
+    samples = grid[2:-2, 20:]  # right of the real column: two sample columns of 16 px with 2 px gaps
+    assert (samples[..., 0] == samples[..., 1]).all() and (samples[..., 1] == samples[..., 2]).all()
+    with pytest.raises(ValueError, match="model.in_channels must be 3 .* or 1"):
+        tiny_config(feats, out, "model.in_channels=2")
+
+
+def test_lr_schedule_closed_form():
+    from stages.train import lr_at, planned_end
+
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, steps=20, decay_fraction=0.25)  # decay over the last 5 steps
+    lrs = [lr_at(cfg, s) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4:15] == [1.0] * 11
+    assert lrs[15:] == [5 / 5, 4 / 5, 3 / 5, 2 / 5, 1 / 5]  # lr * (end - step) / n
+    assert lr_at(cfg, 7, end=8) == 1 / 2  # round(0.25 * 8) = 2 decay steps
+    assert [lr_at(TrainConfig(lr=1.0, steps=20), s) for s in (0, 19)] == [1.0, 1.0]
+    # 100 s left at 0.5 s/step: 0.97 * 200 = 194 more steps, bounded by steps and by the next step
+    assert planned_end(50, 0.5, 100.0, 10_000) == 244
+    assert planned_end(50, 0.5, 100.0, 100) == 100 and planned_end(50, 0.5, -3.0, 100) == 51
+    with pytest.raises(ValueError, match="decay_fraction"):
+        TrainConfig(decay_fraction=1.5)
+
+
+def test_time_box_plans_its_end_and_decays_the_lr_to_it(tmp_path, monkeypatch):
+    from stages import train
+
+    monkeypatch.setattr(train, "SPEED_SKIP", 1)
+    monkeypatch.setattr(train, "SPEED_STEPS", 2)
+    monkeypatch.setattr(train, "planned_end", lambda step, per_step, left, steps: step + 5)
+    feats = str(tmp_path / "feats")
+    write_feature_set(feats, [8])
+    out = str(tmp_path / "run")
+    extra = ("steps=50", "time_limit_minutes=30", "decay_fraction=0.5", "warmup_steps=0", "log_every=1")
+    cfg = tiny_config(feats, out, *extra)
+    assert Trainer(cfg, _single()).run() == 0
+    # timed over steps 1..3, the plan at step 3 puts the end at 8; lr falls over round(0.5 * 8) = 4 steps
+    m = metrics(out)
+    assert [r["step"] for r in m] == list(range(1, 9))
+    lrs = [r["lr"] / cfg.lr for r in m]
+    assert lrs == pytest.approx([1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out))
+    assert state["step"] == 8 and state["end_step"] == 8
+    trainer = Trainer(cfg, _single())  # a resumed run keeps the plan: nothing left to do
+    assert trainer.end_step == 8 and trainer.run() == 0
