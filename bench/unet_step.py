@@ -8,6 +8,9 @@ Each row adds one change to the row above, ending at the fast path:
     + bf16 autocast where the device has native bf16 (CUDA bf16, CPU AVX512-BF16/AMX)
     + torch.compile the fast path; a compile failure is reported in the table, not raised
 
+and two CPU alternatives to the bf16 row: NCHW tensors (bf16 GroupNorm then takes the native kernel,
+which is slow on channels-last input), and NCHW with the einsum ("math") attention.
+
 A step is forward + backward of an MSE loss (no optimizer). Throughput is the median over
 ``--rounds`` blocks of ``--iters`` steps, which resists bursts of load from other processes (the load
 average is printed with the table). Every row runs in a fresh subprocess so its peak-memory figure is
@@ -55,6 +58,10 @@ VARIANTS = {
     "+ channels_last": ("sdpa", True, False, False),
     "+ bf16 autocast": ("sdpa", True, True, False),
     "+ torch.compile": ("sdpa", True, True, True),
+    # CPU alternatives to the fast path: NCHW lets bf16 GroupNorm use the native kernel (channels-last
+    # bf16 GroupNorm is slow on the CPU), and at 8x8 the einsum attention beats the fused kernel there
+    "bf16 autocast, NCHW": ("sdpa", False, True, False),
+    "bf16 autocast, NCHW, math attention": ("math", False, True, False),
 }
 
 

@@ -647,6 +647,8 @@ class Trainer:
         loss, mse, vb = (s / count for s in sums[:3])
         ips = steps * self.cfg.data.batch_size / max(seconds, 1e-9)
         eta = (self.end_step - self.step) * seconds / max(steps, 1)
+        if self.cfg.time_limit_minutes is not None:  # a time box ends the run first
+            eta = min(eta, self.cfg.time_limit_minutes * 60 - self.elapsed_since_start())
         record = {
             "step": self.step,
             "loss": loss,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -543,7 +544,7 @@ def test_lr_schedule_closed_form():
         TrainConfig(decay_fraction=1.5)
 
 
-def test_time_box_plans_its_end_and_decays_the_lr_to_it(tmp_path, monkeypatch):
+def test_time_box_plans_its_end_and_decays_the_lr_to_it(tmp_path, monkeypatch, capsys):
     from stages import train
 
     monkeypatch.setattr(train, "SPEED_SKIP", 1)
@@ -552,9 +553,12 @@ def test_time_box_plans_its_end_and_decays_the_lr_to_it(tmp_path, monkeypatch):
     feats = str(tmp_path / "feats")
     write_feature_set(feats, [8])
     out = str(tmp_path / "run")
-    extra = ("steps=50", "time_limit_minutes=30", "decay_fraction=0.5", "warmup_steps=0", "log_every=1")
+    extra = ("steps=1000000", "time_limit_minutes=30", "decay_fraction=0.5", "warmup_steps=0", "log_every=1")
     cfg = tiny_config(feats, out, *extra)
     assert Trainer(cfg, _single()).run() == 0
+    log = capsys.readouterr().out
+    assert re.search(r"step 1/1000000 \|.*ETA 0:(29|30):\d\d", log)  # the box, not a million steps, bounds it
+    assert "step 8/8 |" in log
     # timed over steps 1..3, the plan at step 3 puts the end at 8; lr falls over round(0.5 * 8) = 4 steps
     m = metrics(out)
     assert [r["step"] for r in m] == list(range(1, 9))
