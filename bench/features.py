@@ -6,7 +6,10 @@
 (b) the whole stage (``stages.features.run``: read JPEG files, decode, crop, encode, PNG + tar, write)
     over ``--images`` generated JPEGs, same encoder and batch, Ray already started; its img/s from the
     first finished batch (steady) and over the whole call (encoder start-up included).
-(c) the same stage with ``engine=local`` (one process, no Ray).
+(c) the same stage with ``engine=local`` (one process, no Ray; (b) is skipped where Ray is not
+    installed);
+(d) the stage's decoding alone (read, decode, both crops) on one thread and, split as engine=local
+    splits a batch, on all cores: the ceiling of a stage whose encoder is faster than that.
 The ratio (b)/(a) is how much of the encoder's speed the stage keeps. Then the peak memory (summed PSS
 of the stage's process tree: driver, raylet, workers, actor; shared pages counted once) of
 ``python -m stages.features`` over the first 1k and over 10k images with a small encoder: it should
@@ -41,7 +44,8 @@ from PIL import Image  # noqa: E402
 from bench.machine import cpu_model  # noqa: E402
 from rcdm import images  # noqa: E402
 from rcdm.encoders import load_encoder  # noqa: E402
-from stages.features import EncoderChoice, FeaturesConfig, run  # noqa: E402
+from rcdm.sources import list_source  # noqa: E402
+from stages.features import EncoderChoice, FeaturesConfig, decode_batch, run  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -75,6 +79,21 @@ def encoder_alone(name: str, input_size: int, batch: int, n: int, threads: int, 
         return done / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
+
+
+def decode_alone(data: Path, input_size: int, batch: int, threads: int) -> float:
+    """img/s of the stage's decoding (read, decode, ADM crop at 128 + encoder crop) on its own, each batch
+    split over ``threads`` threads as engine=local does (Pillow releases the GIL while it decodes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = list(list_source(str(data)))
+    step = -(-batch // threads)
+    runs = [inputs[i : i + step] for i in range(0, len(inputs), step)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(lambda run: decode_batch(run, 128, input_size, images.DEFAULT_MAX_PIXELS), runs):
+            pass
+    return len(inputs) / (time.perf_counter() - t0)
 
 
 def stage(
@@ -180,19 +199,23 @@ def peak_memory(data: Path, out: Path, limit: int, input_size: int, cpus: int) -
 def throughput(
     args: argparse.Namespace, device: str, batch: int, cpus: int, actor_threads: int, tmp: Path
 ) -> tuple[str, list[tuple[str, str, str]]]:
-    """Rows (a), (a'), (b), (c) of the throughput table."""
-    import ray
-
+    """Rows (a), (a'), (d), (d'), (b), (c) of the throughput table; (b) only where Ray is installed."""
     make_jpegs(tmp / "jpegs", args.images, tuple(args.jpeg_size))
     a_all = encoder_alone(args.encoder, args.input_size, batch, args.images, cpus, device)
     a_actor = None
     if device == "cpu" and actor_threads != cpus:
         a_actor = encoder_alone(args.encoder, args.input_size, batch, args.images, actor_threads, device)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        b = stage(tmp / "jpegs", tmp / "out", args.encoder, args.input_size, batch, actor_threads)
-    finally:
-        ray.shutdown()
+    d1 = decode_alone(tmp / "jpegs", args.input_size, batch, 1)
+    dn = decode_alone(tmp / "jpegs", args.input_size, batch, cpus)
+    b = None
+    if ray_version() is not None:
+        import ray
+
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            b = stage(tmp / "jpegs", tmp / "out", args.encoder, args.input_size, batch, actor_threads)
+        finally:
+            ray.shutdown()
     # the in-process engine: decoding on a thread beside the encoder, which gets every core
     c = stage(tmp / "jpegs", tmp / "out_local", args.encoder, args.input_size, batch, cpus, engine="local")
     w, h = args.jpeg_size
@@ -201,16 +224,30 @@ def throughput(
     if a_actor is not None:
         rows.append((f"(a') the same with the actor's {actor_threads} threads", f"{a_actor:.1f} img/s",
                      f"(a')/(a) = {a_actor / a_all:.2f}"))  # fmt: skip
-    rows.append(("(b) whole stage, steady (from the first batch)", f"{b['steady_images_per_s']:.1f} img/s",
-                 f"(b)/(a) = {b['steady_images_per_s'] / a_all:.2f}"))  # fmt: skip
-    rows.append(("(b) whole stage, run() incl. encoder start-up", f"{b['images_per_s']:.1f} img/s",
-                 f"(b)/(a) = {b['images_per_s'] / a_all:.2f}"))  # fmt: skip
+    rows.append(("(d) decoding alone (read, decode, 2 crops), 1 thread", f"{d1:.1f} img/s", ""))
+    rows.append((f"(d') decoding alone, {cpus} threads", f"{dn:.1f} img/s", f"(d')/(d) = {dn / d1:.2f}"))
+    if b is not None:
+        rows.append(("(b) whole stage, steady (from the first batch)", f"{b['steady_images_per_s']:.1f} img/s",
+                     f"(b)/(a) = {b['steady_images_per_s'] / a_all:.2f}"))  # fmt: skip
+        rows.append(("(b) whole stage, run() incl. encoder start-up", f"{b['images_per_s']:.1f} img/s",
+                     f"(b)/(a) = {b['images_per_s'] / a_all:.2f}"))  # fmt: skip
+    else:
+        rows.append(("(b) whole stage with Ray", "not measured", "Ray is not installed"))
+    c_vs_b = "" if b is None else f", (c)/(b) = {c['steady_images_per_s'] / b['steady_images_per_s']:.2f}"
     rows.append(("(c) engine=local, steady (from the first batch)", f"{c['steady_images_per_s']:.1f} img/s",
-                 f"(c)/(a) = {c['steady_images_per_s'] / a_all:.2f}, (c)/(b) = "
-                 f"{c['steady_images_per_s'] / b['steady_images_per_s']:.2f}"))  # fmt: skip
+                 f"(c)/(a) = {c['steady_images_per_s'] / a_all:.2f}{c_vs_b}"))  # fmt: skip
     rows.append(("(c) engine=local, run() incl. encoder start-up", f"{c['images_per_s']:.1f} img/s",
                  f"(c)/(a) = {c['images_per_s'] / a_all:.2f}"))  # fmt: skip
     return what, rows
+
+
+def ray_version() -> str | None:
+    """Ray's version, or None where it is not installed (engine=local still runs)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.__version__
 
 
 def main() -> None:
@@ -227,8 +264,6 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
-
-    import ray
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = args.batch or (256 if device == "cuda" else 32)
@@ -253,7 +288,7 @@ def main() -> None:
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
     print(
-        f"\nbench/features.py, {now}, {cpu_model()} ({cpus} cores{gpu}), torch {torch.__version__}, ray {ray.__version__}, load average at the end {load}"
+        f"\nbench/features.py, {now}, {cpu_model()} ({cpus} cores{gpu}), torch {torch.__version__}, ray {ray_version() or 'not installed'}, load average at the end {load}"
     )
     if rows:
         print(f"\nThroughput: {what}, random weights, {device}\n")

@@ -8,8 +8,9 @@ Each row adds one change to the row above, ending at the fast path:
     + bf16 autocast where the device has native bf16 (CUDA bf16, CPU AVX512-BF16/AMX)
     + torch.compile the fast path; a compile failure is reported in the table, not raised
 
-and two CPU alternatives to the bf16 row: NCHW tensors (bf16 GroupNorm then takes the native kernel,
-which is slow on channels-last input), and NCHW with the einsum ("math") attention.
+and alternatives to the last two rows: bf16 in NCHW tensors (bf16 GroupNorm then takes the native CPU
+kernel, which is slow on channels-last input; on CUDA too, NCHW measured faster), NCHW with the einsum
+("math") attention, and torch.compile of the bf16 NCHW model. ``--variants`` runs a subset.
 
 A step is forward + backward of an MSE loss (no optimizer). Throughput is the median over
 ``--rounds`` blocks of ``--iters`` steps, which resists bursts of load from other processes (the load
@@ -62,6 +63,7 @@ VARIANTS = {
     # bf16 GroupNorm is slow on the CPU), and at 8x8 the einsum attention beats the fused kernel there
     "bf16 autocast, NCHW": ("sdpa", False, True, False),
     "bf16 autocast, NCHW, math attention": ("math", False, True, False),
+    "bf16 autocast, NCHW, torch.compile": ("sdpa", False, True, True),
 }
 
 
@@ -170,7 +172,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 def run_all(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for name in VARIANTS:
+    for name in args.variants:
         if VARIANTS[name][3] and not args.compile_row:
             rows.append(
                 {"variant": name, "note": f"skipped (--compile {args.compile} on {args.device_type})"}
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     add(
         "--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile row (auto: CUDA only)"
     )
+    add("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), metavar="NAME",
+        help="rows to run, by name (default: all): " + "; ".join(VARIANTS))  # fmt: skip
     add("--worker", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

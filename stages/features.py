@@ -18,8 +18,9 @@ or one on CPU) encode crops and mirrors; a writer task assembles each shard in i
 it. At most ``decode_tasks + 2 * num_actors`` batches are between decoding and encoding at any time, so
 decoding keeps the encoders busy while memory stays bounded; features never pass through the driver.
 Engine ``local``: the same per-batch and per-shard functions in one process, without Ray (one machine,
-one encoder; the next batch is decoded on a thread while the current one is encoded). Both engines
-write identical shards, markers and manifests.
+one encoder; the next batch is decoded by a pool of threads while the current one is encoded: Pillow
+releases the GIL while it decodes and resizes). Both engines write identical shards, markers and
+manifests.
 
 Order: inputs are listed sorted (class folders in order), then, with ``order=shuffled`` (the default),
 permuted by ``numpy.random.default_rng(seed)``: shards of a class-sorted tree would otherwise each hold
@@ -86,7 +87,9 @@ class FeaturesConfig:
     max_pixels: int = images.DEFAULT_MAX_PIXELS  # larger inputs are recorded as errors
     batch_size: int | None = None  # images per encoder call (each call also encodes their mirrors)
     num_actors: int | None = None  # encoder actors; None = one per GPU, or 1 without GPUs
-    decode_tasks: int | None = None  # decode tasks in flight; None = 2 x the cluster's CPUs
+    # ray: decode tasks in flight, None = 2 x the cluster's CPUs; local: decode threads, None = CPUs - 1
+    # beside a GPU encoder, 1 beside a CPU one (which uses the other cores)
+    decode_tasks: int | None = None
     encoder_threads: int | None = None  # torch threads of a CPU actor; None = (CPUs - 1) / num_actors
     engine: Literal["ray", "local"] = "ray"  # "local": one process, no Ray (one machine, one encoder)
     ray_address: str | None = None  # None = $RAY_ADDRESS if set, else local Ray; "auto" = join a cluster
@@ -523,25 +526,34 @@ def encode_shards_local(
     cfg: FeaturesConfig, source: Source, todo: list[dict[str, Any]], enc_size: int, progress: Progress
 ) -> list[dict]:
     """The same work as ``encode_shards`` in this process, without Ray: one encoder (on the GPU when
-    torch sees one), the next batch decoded on a thread while the current one is encoded."""
+    torch sees one), the next batch decoded by ``decode_tasks`` threads while the current one is encoded."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     worker = EncoderWorker(cfg.encoder, device, cfg.encoder_threads or torch.get_num_threads())
     batch = cfg.batch_size or (256 if device == "cuda" else 32)
+    threads = cfg.decode_tasks or (max(1, (os.cpu_count() or 1) - 1) if device == "cuda" else 1)
     queue = [(u, s, min(s + batch, u["stop"])) for u in todo for s in range(u["start"], u["stop"], batch)]
 
-    def decode(i: int):
+    def decode(i: int, pool: ThreadPoolExecutor):
+        """Batch i, its inputs split into one contiguous run per thread, put back together in order."""
         _, start, stop = queue[i]
-        return decode_batch(source.slice(start, stop), cfg.image_size, enc_size, cfg.max_pixels)
+        inputs = source.slice(start, stop)
+        step = -(-len(inputs) // threads)
+        runs = [inputs[j : j + step] for j in range(0, len(inputs), step)]
+        parts = list(pool.map(lambda run: decode_batch(run, cfg.image_size, enc_size, cfg.max_pixels), runs))
+        if len(parts) == 1:
+            return parts[0]
+        crops = np.concatenate([p[0] for p in parts])
+        return crops, [r for p in parts for r in p[1]], [e for p in parts for e in p[2]]
 
     markers: list[dict] = []
     parts: tuple[list, list, list] = ([], [], [])
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(decode, 0) if queue else None
+    with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(threads) as decoders:
+        pending = ahead.submit(decode, 0, decoders) if queue else None
         for i, (unit, start, stop) in enumerate(queue):
             crops, recs, errs = pending.result()
-            pending = pool.submit(decode, i + 1) if i + 1 < len(queue) else None
+            pending = ahead.submit(decode, i + 1, decoders) if i + 1 < len(queue) else None
             for part, value in zip(parts, (recs, worker.encode(crops), errs)):
                 part.append(value)
             progress.update(stop - start, len(errs))

@@ -306,6 +306,15 @@ def test_bad_inputs_are_recorded_and_skipped(ray_session, tmp_path):
         )
     assert shards.read_manifest(str(out))["labels"] is None
 
+    # engine=local, each batch split over 4 decode threads, good and bad inputs mixed: the same bytes
+    local = tmp_path / "local"
+    cfg = _cfg(str(data), str(local), max_pixels=5000, shard_size=3, engine="local", decode_tasks=4)
+    assert run(cfg, progress=False)["total"] == 6
+    tars = sorted(p.name for p in (out / "shards").glob("*.tar"))
+    assert len(tars) == 3 and sorted(p.name for p in (local / "shards").glob("*.tar")) == tars
+    for rel in ["errors.jsonl", *(f"shards/{name}" for name in tars)]:
+        assert (local / rel).read_bytes() == (out / rel).read_bytes(), rel
+
 
 def test_all_invalid_input_is_an_error(ray_session, tmp_path):
     data = tmp_path / "data"
