@@ -127,7 +127,9 @@ class Trainer:
     device: torch.device
 
     def step(self, diffusion, x0: torch.Tensor, feat: torch.Tensor) -> None:
-        x0, feat = x0.to(self.device), feat.to(self.device)
+        # a grey model (in_channels 1) trains on the crops' luma, as stage two does
+        x0 = images.to_channels(x0.to(self.device), self.model.cfg.in_channels)
+        feat = feat.to(self.device)
         t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=self.device)
         loss = diffusion.training_losses(self.model, x0, t, feat)["loss"].mean()
         self.opt.zero_grad(set_to_none=True)

@@ -182,8 +182,8 @@ def first_image(tree: Path, class_index: int) -> Path:
 def plot_loss(records: list[dict[str, Any]], path: Path, width: int = 720, height: int = 420) -> None:
     """Training loss (and its mse term) against step, log-scaled, drawn with PIL."""
     steps = [r["step"] for r in records]
-    series = {"loss (mse + vb)": [r["loss"] for r in records], "mse": [r["mse"] for r in records]}
-    colours = {"loss (mse + vb)": (31, 119, 180), "mse": (255, 127, 14)}
+    series = {"loss (mse + vb)": [r["loss"] for r in records], "mse term": [r["mse"] for r in records]}
+    colours = {"loss (mse + vb)": (31, 119, 180), "mse term": (255, 127, 14)}
     values = [v for vs in series.values() for v in vs if v > 0 and math.isfinite(v)]
     if not steps or not values:
         raise ValueError("no finite positive loss values to plot")

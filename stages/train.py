@@ -200,16 +200,18 @@ def lr_at(cfg: TrainConfig, step: int, end: int | None = None) -> float:
     Linear warm-up over ``warmup_steps``, then constant (upstream: constant 1e-4). With ``decay_fraction``
     f > 0 the last n = round(f * end) steps fall linearly towards 0, ``lr * (end - step) / n``
     (warm-up, stable, decay: the final decay buys most of what a cosine schedule gives, and the stable
-    part does not depend on where the run ends).
+    part does not depend on where the run ends). Where warm-up and decay overlap (a short run), the
+    smaller factor holds, so the lr never rises inside the decay.
     """
     end = cfg.steps if end is None else end
+    factor = 1.0
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        factor = (step + 1) / cfg.warmup_steps
     if cfg.decay_fraction > 0:
         n = max(1, round(cfg.decay_fraction * end))
         if step >= end - n:
-            return cfg.lr * max(end - step, 0) / n
-    return cfg.lr
+            factor = min(factor, max(end - step, 0) / n)
+    return cfg.lr * factor
 
 
 # The time-boxed run measures its speed over these steps (after the first few, which are slow) to place
@@ -537,10 +539,15 @@ class Trainer:
         cfg, info = self.cfg, self.info
         if self.step >= self.end_step:
             if info.is_main:
-                print(
-                    f"{cfg.out} is already at step {self.step} >= steps {self.end_step}: nothing to do",
-                    flush=True,
-                )
+                if self.end_step < cfg.steps:  # a resumed time box's plan, saved in its checkpoint
+                    why = (
+                        f"the end its time box planned (step {self.end_step}, kept in the checkpoint: its "
+                        f"learning rate has decayed to 0); to train on, resume with decay_fraction=0 (the "
+                        f"full lr from here) or start a new out"
+                    )
+                else:
+                    why = f"steps {cfg.steps}"
+                print(f"{cfg.out} is already at step {self.step}, {why}: nothing to do", flush=True)
             return 0
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         if info.is_main:
@@ -549,7 +556,7 @@ class Trainer:
                 f"training {n_params / 1e6:.2f}M parameters on {info.world_size} x {self.device.type}; "
                 f"{self.shard_set.total} samples in {len(self.shard_set.urls)} shards; global batch "
                 f"{cfg.data.batch_size} = {info.world_size} x {self.accum} x {self.micro}; "
-                f"steps {self.step} -> {cfg.steps}",
+                f"steps {self.step} -> {self.end_step}",
                 flush=True,
             )
             streams = info.world_size * max(1, cfg.data.num_workers)

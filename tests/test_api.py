@@ -195,3 +195,34 @@ def test_diffusion_comes_from_the_checkpoint(tmp_path):
     expected = build_diffusion(diffusion)
     assert rcdm.diffusion.num_timesteps == 200
     assert torch.equal(rcdm.diffusion.alphas_cumprod, expected.alphas_cumprod)
+
+
+def test_grey_model_samples_reach_the_user_as_rgb(world, tmp_path):
+    # A one-channel model (model.in_channels: 1) draws one-channel samples; sample, interpolate and
+    # manipulate hand back RGB with R = G = B, the form pictures and encoders take.
+    run = str(tmp_path / "grey")
+    grey = TINY.replace(in_channels=1)
+    sd = tiny_unet(grey).state_dict()
+    checkpoint.save_checkpoint(run, {
+        "step": 1, "model": sd, "ema": {}, "optimizer": {},
+        "config": {"model": to_dict(grey), "diffusion": to_dict(DiffusionConfig())},
+        "encoder": tiny_encoder().describe(),
+    })  # fmt: skip
+    rcdm = RCDM.from_pretrained(run, device="cpu", steps=STEPS)
+    a, b = world["paths"][0], world["paths"][1]
+    x = rcdm.sample(a, n=2, seed=1)
+    row = rcdm.interpolate(a, b, steps_r=3, seed=1)
+    pool = torch.zeros(6, 1280)
+    pool[:, :3] = 1.0  # sparse, like a ReLU trunk's features
+    edit = rcdm.manipulate(a, b, pool, k=6, common=3, n=1, seed=1)
+    for out in (x, row, edit.samples):
+        assert out.shape[-3:] == (3, SIZE, SIZE)
+        assert torch.equal(out[..., 0, :, :], out[..., 1, :, :]) and torch.equal(
+            out[..., 0, :, :], out[..., 2, :, :]
+        )
+    # the grey channel is the model's own sample, repeated
+    direct = samplers.sample(
+        rcdm.model, rcdm.diffusion, (1, 1, SIZE, SIZE), rcdm.encode(a), sampler="ddim", steps=STEPS,
+        seeds=[samplers.sample_seed(1, 0, 0)],
+    )  # fmt: skip
+    torch.testing.assert_close(x[0, 0, :1], direct[0], atol=1e-3, rtol=0)  # batched here, alone there

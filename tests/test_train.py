@@ -537,6 +537,11 @@ def test_lr_schedule_closed_form():
     assert lrs[15:] == [5 / 5, 4 / 5, 3 / 5, 2 / 5, 1 / 5]  # lr * (end - step) / n
     assert lr_at(cfg, 7, end=8) == 1 / 2  # round(0.25 * 8) = 2 decay steps
     assert [lr_at(TrainConfig(lr=1.0, steps=20), s) for s in (0, 19)] == [1.0, 1.0]
+    # warm-up and decay overlap in a short run: the smaller factor, so the lr never rises in the decay
+    short = TrainConfig(lr=1.0, warmup_steps=10, steps=12, decay_fraction=0.5)  # decay over steps 6..11
+    assert [lr_at(short, s) for s in range(4, 12)] == pytest.approx(
+        [0.5, 0.6, 0.7, 0.8, 4 / 6, 3 / 6, 2 / 6, 1 / 6]  # min((step + 1) / 10, (12 - step) / 6)
+    )
     # 100 s left at 0.5 s/step: 0.97 * 200 = 194 more steps, bounded by steps and by the next step
     assert planned_end(50, 0.5, 100.0, 10_000) == 244
     assert planned_end(50, 0.5, 100.0, 100) == 100 and planned_end(50, 0.5, -3.0, 100) == 51
@@ -568,3 +573,9 @@ def test_time_box_plans_its_end_and_decays_the_lr_to_it(tmp_path, monkeypatch, c
     assert state["step"] == 8 and state["end_step"] == 8
     trainer = Trainer(cfg, _single())  # a resumed run keeps the plan: nothing left to do
     assert trainer.end_step == 8 and trainer.run() == 0
+    assert "the end its time box planned (step 8" in capsys.readouterr().out
+    # the way on that the message names: a constant lr, a fresh time box, the run's steps
+    more = tiny_config(feats, out, "steps=10", "time_limit_minutes=30", "decay_fraction=0", "log_every=1")
+    trainer = Trainer(more, _single())
+    assert trainer.end_step == 10 and trainer.run() == 0
+    assert [r["step"] for r in metrics(out)][-2:] == [9, 10] and metrics(out)[-1]["lr"] == more.lr
