@@ -244,7 +244,8 @@ def read_metrics_log(url: Path) -> list[dict[str, Any]]:
 
 def write_report(out: Path, metrics: dict[str, Any], cfg: DemoConfig, train_info: dict[str, Any]) -> None:
     def pct(key: str) -> str:
-        return f"{100 * metrics[key]:.1f}%"
+        value = metrics.get(key)  # an evaluation from an older version may lack a key
+        return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
 
     steps = metrics["steps_seconds"]
     lines = [
@@ -262,6 +263,7 @@ def write_report(out: Path, metrics: dict[str, Any], cfg: DemoConfig, train_info
         f"| retrieval top-1 among {metrics['retrieval_pool']} held-out | {pct('retrieval_top1')} |",
         f"| mean / median rank | {metrics['mean_rank']:.1f} / {metrics['median_rank']:.0f} |",
         f"| Frechet distance in feature space | {metrics['frechet_distance']:.2f} |",
+        f"| precision / recall in feature space (k=3) | {pct('feature_precision')} / {pct('feature_recall')} |",
         f"| shuffled conditioning: agreement / top-1 | {pct('shuffled_class_agreement')} / "
         f"{pct('shuffled_retrieval_top1')} |",
         "",

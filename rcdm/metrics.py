@@ -17,6 +17,10 @@ f_i, g_ij = encoder(x_ij) its feature; a "bank" is a set of labelled train featu
 * Inception score (Salimans et al. 2016): IS = exp(mean_x KL(p(y|x) || p(y))), p(y) = mean_x p(y|x).
 * Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017, FID's formula):
   d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)).
+* Improved precision and recall (Kynkaanniemi et al. 2019; k = 3 in the ADM evaluator): the manifold of
+  a set is the union of balls around its points, each of radius r_k(x) = the distance from x to its
+  k-th nearest other point of the set. Precision = the fraction of generated points inside the real
+  manifold (fidelity), recall = the fraction of real points inside the generated one (coverage).
 
 Similarities s(a, b): "cosine" = <a, b> / (||a|| ||b||), "dot" = <a, b>, "l2" = -||a - b||^2 (so larger
 is always more similar). All functions are pure: tensors in, tensors or floats out.
@@ -195,3 +199,35 @@ def inception_score(logits: Tensor) -> float:
     log_marginal = torch.logsumexp(log_p, dim=0) - math.log(log_p.shape[0])  # (C,) log p(y)
     kl = (log_p.exp() * (log_p - log_marginal)).sum(1)  # (N,)
     return float(kl.mean().exp())
+
+
+def _as_float64(x: Tensor | np.ndarray) -> Tensor:
+    return (x.detach().cpu() if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))).double()
+
+
+def manifold_radii(feats: Tensor | np.ndarray, k: int = 3, chunk: int = 4096) -> Tensor:
+    """r_k (N,) float64: the Euclidean distance from each of feats (N, D) to its k-th nearest other point."""
+    x = _as_float64(feats)
+    if x.ndim != 2 or x.shape[0] <= k:
+        raise ValueError(f"the k-NN radii need more than k={k} points (N, D), got shape {tuple(x.shape)}")
+    # column 0 of each sorted row is the point itself (distance 0), column k its k-th neighbour
+    return torch.cat(
+        [torch.cdist(x[i : i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)]
+    )
+
+
+def inside_manifold(
+    queries: Tensor | np.ndarray, points: Tensor | np.ndarray, radii: Tensor, chunk: int = 4096
+) -> Tensor:
+    """(Q,) bool: query q lies in the ball of some point p, ||q - p|| <= r(p)."""
+    q, p = _as_float64(queries), _as_float64(points)
+    return torch.cat(
+        [(torch.cdist(q[i : i + chunk], p) <= radii).any(dim=1) for i in range(0, len(q), chunk)]
+    )
+
+
+def precision_recall(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = 3) -> tuple[float, float]:
+    """(precision, recall) of generated features ``fake`` (M, D) against real features ``real`` (N, D)."""
+    precision = inside_manifold(fake, real, manifold_radii(real, k)).double().mean()
+    recall = inside_manifold(real, fake, manifold_radii(fake, k)).double().mean()
+    return float(precision), float(recall)

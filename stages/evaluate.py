@@ -18,11 +18,14 @@ report (formulas in ``rcdm.metrics``):
   among the ``retrieval_pool`` held-out features, ordered by similarity to the sample's feature.
 * ``frechet_distance``: between Gaussians fitted to the samples' features and to the re-encoded
   real crops of the pool (same path); comparable only between runs with equal sample counts.
+* ``feature_precision`` / ``feature_recall``: improved precision and recall (k = 3) of the samples'
+  features against the re-encoded real crops: fidelity (samples inside the real manifold) and
+  coverage (real crops inside the samples' manifold).
 * the shuffled control, ``shuffled_class_agreement`` / ``shuffled_retrieval_top1``: the samples are
   scored against a derangement of their conditioning (the samples drawn from item pi(i) are
   scored as if drawn from item i). This is the same in distribution as sampling from permuted
   features, at no extra sampling cost; it must fall to ``chance`` and ~1 / ``retrieval_pool``.
-* Inception FID / IS: only with ``inception_weights`` = a local file of torchvision's Inception-v3
+* Inception FID / IS / precision / recall: only with ``inception_weights`` = a local file of torchvision's Inception-v3
   ImageNet weights (``inception_v3_google-0cc3c7bd.pth``, normally in the torch hub cache); nothing is
   downloaded. Without it these keys say ``"absent"``. The samples are also written as
   ``samples_NxHxWx3.npz`` (``arr_0``, uint8 NHWC), the input of the standard ADM evaluator.
@@ -279,6 +282,7 @@ def compute_metrics(
         "mean_rank": retrieval["mean_rank"],
         "median_rank": retrieval["median_rank"],
         "frechet_distance": metrics.frechet_distance(flat, crop_feats),
+        **dict(zip(("feature_precision", "feature_recall"), metrics.precision_recall(crop_feats, flat, k=3))),
         "shuffled_class_agreement": metrics.agreement(pred, y[shuffled_item]),
         "shuffled_retrieval_top1": shuffled_retrieval["top1"],
         "shuffled_mean_rank": shuffled_retrieval["mean_rank"],
@@ -321,9 +325,12 @@ def inception_metrics(samples: torch.Tensor, reference: torch.Tensor, weights: s
 
     f_s, logits = run(samples)
     f_r, _ = run(reference)
+    precision, recall = metrics.precision_recall(f_r, f_s, k=3)  # the ADM evaluator's k
     return {
         "inception_fid": metrics.frechet_distance(f_s, f_r),
         "inception_score": metrics.inception_score(logits),
+        "inception_precision": precision,
+        "inception_recall": recall,
     }
 
 
@@ -353,7 +360,9 @@ def write_report(out: str, result: dict[str, Any], grid_name: str) -> None:
         f"| Frechet distance (features) | {r['frechet_distance']:.2f} | samples vs real crops, encoder space |",
         f"| shuffled: class agreement | {pct(r['shuffled_class_agreement'])} | must be about chance |",
         f"| shuffled: retrieval top-1 | {pct(r['shuffled_retrieval_top1'])} | must be about 1/{r['retrieval_pool']} |",
+        f"| precision / recall (features) | {pct(r['feature_precision'])} / {pct(r['feature_recall'])} | samples in the real crops' k=3 manifold / real crops in the samples' |",
         f"| Inception FID / IS | {r['inception_fid']} / {r['inception_score']} | needs `inception_weights` |",
+        f"| Inception precision / recall | {pct(r['inception_precision'])} / {pct(r['inception_recall'])} | needs `inception_weights` |",
         "",
         f"![samples]({grid_name})",
         "",
@@ -419,7 +428,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             )
         result.update(inception_metrics(flat, real, cfg.inception_weights, device))
     else:
-        result.update(inception_fid=ABSENT, inception_score=ABSENT)
+        result.update(
+            inception_fid=ABSENT, inception_score=ABSENT, inception_precision=ABSENT, inception_recall=ABSENT
+        )
 
     storage.makedirs(cfg.out)
     grid_rows = []

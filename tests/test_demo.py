@@ -36,7 +36,7 @@ def test_demo_smoke_and_resume(tmp_path):
 
     m = json.loads((out / "metrics.json").read_text())
     for key in ("class_agreement", "knn_ceiling", "chance", "retrieval_top1", "shuffled_class_agreement",
-                "shuffled_retrieval_top1"):  # fmt: skip
+                "shuffled_retrieval_top1", "feature_precision", "feature_recall"):  # fmt: skip
         assert 0.0 <= m[key] <= 1.0, key
     assert m["retrieval_pool"] == 10 and m["n_samples"] == 12 and m["train_steps"] == 3
     assert 1 <= m["mean_rank"] <= 10 and m["minutes"] > 0

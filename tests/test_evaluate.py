@@ -115,6 +115,27 @@ def test_compute_metrics_perfect_and_ignoring_generators():
     r0 = ev.compute_metrics(predict, ignoring, held, pool, n, "cosine", CLASSES, seed=0)
     # all predictions are one class and 5 of the 50 items have each label: agreement = chance = 0.1
     assert r0["class_agreement"] == pytest.approx(0.1) and r0["chance"] == pytest.approx(0.1)
+    # precision / recall tell the two apart: every sample is a real point (precision 1 for both), but
+    # the collapsed samples' balls have radius 0 and cover only pool[0] (recall 1/100)
+    assert r["feature_precision"] == 1.0 and r["feature_recall"] >= 0.5  # the 50 conditioning items at least
+    assert r0["feature_precision"] == 1.0 and r0["feature_recall"] == 0.01
+
+
+def test_inception_metrics_with_a_weights_file(tmp_path):
+    # a file in the layout of torchvision's inception_v3_google-0cc3c7bd.pth (random values)
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True)
+    torch.save(net.state_dict(), tmp_path / "inception.pth")
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 256, (6, 3, 16, 16), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (6, 3, 16, 16), generator=g, dtype=torch.uint8)
+    same = ev.inception_metrics(a, a, str(tmp_path / "inception.pth"), "cpu")
+    assert same["inception_fid"] == pytest.approx(0.0, abs=1e-3)
+    assert same["inception_precision"] == same["inception_recall"] == 1.0
+    assert same["inception_score"] >= 1.0 - 1e-9
+    other = ev.inception_metrics(a, b, str(tmp_path / "inception.pth"), "cpu")
+    assert other["inception_fid"] > same["inception_fid"]
 
 
 def test_derangement_has_no_fixed_point():
@@ -148,6 +169,8 @@ def test_cli_end_to_end(world, tmp_path):
     assert m["retrieval_pool"] == 12 and m["n_samples"] == 12 and m["step"] == 7
     assert 1.0 <= m["median_rank"] <= 12 and 1.0 <= m["mean_rank"] <= 12 and m["frechet_distance"] >= 0
     assert m["inception_fid"] == "absent" and m["encoder"] == "mobilenet_v2/trunk"
+    assert 0.0 <= m["feature_precision"] <= 1.0 and 0.0 <= m["feature_recall"] <= 1.0
+    assert m["inception_precision"] == m["inception_recall"] == "absent"
 
     # the ceiling is the k-NN accuracy of the stored features of the chosen items: recompute it here
     enc = world["enc"]

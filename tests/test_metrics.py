@@ -130,6 +130,30 @@ def test_frechet_from_samples():
     assert M.frechet_distance(torch.randn(5, 50), torch.randn(5, 50)) >= 0.0
 
 
+def test_manifold_radii_closed_form():
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    assert M.manifold_radii(x, k=1).tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert M.manifold_radii(x, k=2).tolist() == [2.0, 1.0, 1.0, 2.0]  # 2nd nearest other point
+    assert M.manifold_radii(x, k=3, chunk=3).tolist() == [3.0, 2.0, 2.0, 3.0]  # chunked rows agree
+    with pytest.raises(ValueError, match="more than k=3"):
+        M.manifold_radii(x[:3], k=3)
+
+
+def test_precision_recall_closed_form():
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])  # k=1 balls of radius 1 around each
+    fake = torch.tensor([[3.9], [4.5], [-0.5], [1.5]])  # 4.5 is 1.5 from 3: outside; the rest inside
+    # fake radii (k=1): -0.5 -> 2.0, 1.5 -> 2.0, 3.9 -> 0.6, 4.5 -> 0.6: every real point is covered
+    assert M.precision_recall(real, fake, k=1) == (0.75, 1.0)
+    # mode collapse: every sample next to one real point -> full precision, recall 1/N
+    line = torch.arange(100.0)[:, None]
+    collapsed = 50.0 + 1e-3 * torch.arange(10.0)[:, None]
+    assert M.precision_recall(line, collapsed, k=3) == (1.0, 0.01)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    assert M.precision_recall(x, x.numpy()) == (1.0, 1.0)  # a perfect generator; numpy input too
+    assert M.precision_recall(x, x + 100.0) == (0.0, 0.0)  # disjoint sets
+
+
 def test_inception_score_limits():
     # N confident predictions spread evenly over C classes: KL = log C for each -> IS = C
     logits = 50.0 * torch.eye(4).repeat(3, 1)  # 12 samples, 4 classes, near one-hot
