@@ -205,8 +205,10 @@ def _as_float64(x: Tensor | np.ndarray) -> Tensor:
     return (x.detach().cpu() if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))).double()
 
 
-def manifold_radii(feats: Tensor | np.ndarray, k: int = 3, chunk: int = 4096) -> Tensor:
-    """r_k (N,) float64: the Euclidean distance from each of feats (N, D) to its k-th nearest other point."""
+def manifold_radii(feats: Tensor | np.ndarray, k: int = 3, chunk: int = 1024) -> Tensor:
+    """r_k (N,) float64: the Euclidean distance from each of feats (N, D) to its k-th nearest other point.
+
+    Rows go ``chunk`` at a time (a chunk x N float64 block: 400 MB for 50,000 points)."""
     x = _as_float64(feats)
     if x.ndim != 2 or x.shape[0] <= k:
         raise ValueError(f"the k-NN radii need more than k={k} points (N, D), got shape {tuple(x.shape)}")
@@ -217,7 +219,7 @@ def manifold_radii(feats: Tensor | np.ndarray, k: int = 3, chunk: int = 4096) ->
 
 
 def inside_manifold(
-    queries: Tensor | np.ndarray, points: Tensor | np.ndarray, radii: Tensor, chunk: int = 4096
+    queries: Tensor | np.ndarray, points: Tensor | np.ndarray, radii: Tensor, chunk: int = 1024
 ) -> Tensor:
     """(Q,) bool: query q lies in the ball of some point p, ||q - p|| <= r(p)."""
     q, p = _as_float64(queries), _as_float64(points)

@@ -445,9 +445,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     storage.write_bytes_atomic(storage.join(cfg.out, npz_name), buf.getvalue())
     storage.write_text_atomic(storage.join(cfg.out, "evaluate_config.yaml"), to_yaml(cfg))
 
+    # the precision sampling ran in: bf16 falls back to fp32 where the device has no native bf16
+    precision = "bf16" if cfg.precision == "bf16" and native_bf16(torch.device(device)) else "fp32"
     result.update(
         n_items=n, samples_per_item=s, n_samples=n * s, num_classes=num_classes, k=cfg.k, metric=cfg.metric,
-        sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, seed=cfg.seed, precision=cfg.precision,
+        sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, seed=cfg.seed, precision=precision,
         checkpoint=info["source"], step=info.get("step"), encoder=enc.key, heldout=cfg.heldout, bank=cfg.bank,
         samples_npz=npz_name, samples_grid="samples.png", seconds=round(time.time() - t0, 1),
     )  # fmt: skip

@@ -116,9 +116,10 @@ def test_compute_metrics_perfect_and_ignoring_generators():
     # all predictions are one class and 5 of the 50 items have each label: agreement = chance = 0.1
     assert r0["class_agreement"] == pytest.approx(0.1) and r0["chance"] == pytest.approx(0.1)
     # precision / recall tell the two apart: every sample is a real point (precision 1 for both), but
-    # the collapsed samples' balls have radius 0 and cover only pool[0] (recall 1/100)
+    # the collapsed samples' balls have radius 0 and cover at most pool[0] (recall <= 1/100; whether the
+    # point on the sphere's surface counts rests on rounding)
     assert r["feature_precision"] == 1.0 and r["feature_recall"] >= 0.5  # the 50 conditioning items at least
-    assert r0["feature_precision"] == 1.0 and r0["feature_recall"] == 0.01
+    assert r0["feature_precision"] == 1.0 and r0["feature_recall"] <= 0.01
 
 
 def test_inception_metrics_with_a_weights_file(tmp_path):
