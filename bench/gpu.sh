@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go: the gpu-marked tests, then the throughput benchmarks on CUDA, each under its
-# own time limit so that one slow step cannot starve the rest. Logs go to LOGDIR (default bench/gpu-logs).
+# own time limit so that one slow step cannot starve the rest. Logs go to LOGDIR (default bench/gpu-logs);
+# the exit status is 1 when any step failed. PYTHON overrides the interpreter (default: .venv's, else python3).
 #
 #   bash bench/gpu.sh                 # everything (~10 minutes on one H100/H200)
 #   bash bench/gpu.sh tests unet      # a subset, in the order given
@@ -10,7 +11,7 @@
 # path against the online encoder, rcdm128), sample (sampler cost, rcdm128 in bf16).
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 LOGDIR=${LOGDIR:-bench/gpu-logs}
 mkdir -p "$LOGDIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,10 +25,16 @@ step() {  # name, limit in seconds, command...
     local rc=$?
     tail -n 25 "$LOGDIR/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
+all=(tests unet encoders features train sample)
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests unet encoders features train sample)
+[ ${#steps[@]} -eq 0 ] && steps=("${all[@]}")
+for s in "${steps[@]}"; do  # refuse an unknown step before any step runs
+    [[ " ${all[*]} " == *" $s "* ]] || { echo "unknown step '$s' (${all[*]})" >&2; exit 2; }
+done
+failed=()
 for s in "${steps[@]}"; do
     case $s in
         tests) step tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_encoders.py ;;
@@ -38,6 +45,9 @@ for s in "${steps[@]}"; do
             --batch 16 --steps 10 --warmup 2 --images 128 --workers 8 ;;
         sample) step sample 120 "$PY" bench/sample.py --device cuda --preset rcdm128 --precision bf16 \
             --images 16 --batch 16 --repeats 2 ;;
-        *) echo "unknown step '$s' (tests unet encoders features train sample)" >&2; exit 2 ;;
     esac
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed: ${failed[*]} (logs in $LOGDIR)" >&2
+    exit 1
+fi

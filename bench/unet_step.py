@@ -191,12 +191,16 @@ def run_all(args: argparse.Namespace) -> list[dict]:
 
 
 def markdown(rows: list[dict], header: str, gpu: bool) -> str:
-    base = next((r["images_per_s"] for r in rows if "images_per_s" in r), None)
+    timed = [r for r in rows if "images_per_s" in r]
+    # speed-ups are against eager fp32, or against the first timed row when --variants leaves it out
+    ref = next((r for r in timed if r["variant"] == "eager fp32"), timed[0] if timed else None)
+    base = ref["images_per_s"] if ref else None
+    vs = "" if ref is None or ref["variant"] == "eager fp32" else f" vs {ref['variant']}"
     mem_label = "peak GPU mem (MiB)" if gpu else "peak RSS growth (MiB)"
     out = [
         header,
         "",
-        f"| variant | images/s | speed-up | first step (s) | {mem_label} | note |",
+        f"| variant | images/s | speed-up{vs} | first step (s) | {mem_label} | note |",
         "|---" * 6 + "|",
     ]
     for r in rows:

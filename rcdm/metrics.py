@@ -208,7 +208,7 @@ def _as_float64(x: Tensor | np.ndarray) -> Tensor:
 def manifold_radii(feats: Tensor | np.ndarray, k: int = 3, chunk: int = 1024) -> Tensor:
     """r_k (N,) float64: the Euclidean distance from each of feats (N, D) to its k-th nearest other point.
 
-    Rows go ``chunk`` at a time (a chunk x N float64 block: 400 MB for 50,000 points)."""
+    Rows go ``chunk`` at a time: memory of a few chunk x N float64 blocks (about 1.2 GB for 50,000 points)."""
     x = _as_float64(feats)
     if x.ndim != 2 or x.shape[0] <= k:
         raise ValueError(f"the k-NN radii need more than k={k} points (N, D), got shape {tuple(x.shape)}")

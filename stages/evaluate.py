@@ -89,6 +89,11 @@ class EvaluateConfig:
         for name in ("n_items", "samples_per_item", "retrieval_pool", "k", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_items < 2:
+            raise ValueError(
+                f"n_items must be at least 2, got {self.n_items}: the shuffled control scores each item's "
+                "samples against another item's conditioning"
+            )
         if self.n_items > self.retrieval_pool:
             raise ValueError(
                 f"n_items ({self.n_items}) must not exceed retrieval_pool ({self.retrieval_pool}): the "
@@ -282,11 +287,21 @@ def compute_metrics(
         "mean_rank": retrieval["mean_rank"],
         "median_rank": retrieval["median_rank"],
         "frechet_distance": metrics.frechet_distance(flat, crop_feats),
-        **dict(zip(("feature_precision", "feature_recall"), metrics.precision_recall(crop_feats, flat, k=3))),
+        **dict(zip(("feature_precision", "feature_recall"), precision_recall(crop_feats, flat))),
         "shuffled_class_agreement": metrics.agreement(pred, y[shuffled_item]),
         "shuffled_retrieval_top1": shuffled_retrieval["top1"],
         "shuffled_mean_rank": shuffled_retrieval["mean_rank"],
     }
+
+
+PR_K = 3  # the k of the k-NN manifolds of precision and recall (the ADM evaluator's)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor) -> tuple[float | str, float | str]:
+    """Improved precision and recall with k = PR_K, or "absent" for sets too small for k-NN radii."""
+    if min(len(real), len(fake)) <= PR_K:
+        return ABSENT, ABSENT
+    return metrics.precision_recall(real, fake, k=PR_K)
 
 
 # --- Inception FID / IS (optional, offline) --------------------------------------------------------
@@ -325,7 +340,7 @@ def inception_metrics(samples: torch.Tensor, reference: torch.Tensor, weights: s
 
     f_s, logits = run(samples)
     f_r, _ = run(reference)
-    precision, recall = metrics.precision_recall(f_r, f_s, k=3)  # the ADM evaluator's k
+    precision, recall = precision_recall(f_r, f_s)
     return {
         "inception_fid": metrics.frechet_distance(f_s, f_r),
         "inception_score": metrics.inception_score(logits),

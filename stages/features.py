@@ -522,6 +522,14 @@ def encode_shards(
 # --- the in-process engine ------------------------------------------------------------------------
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's share), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def encode_shards_local(
     cfg: FeaturesConfig, source: Source, todo: list[dict[str, Any]], enc_size: int, progress: Progress
 ) -> list[dict]:
@@ -532,7 +540,7 @@ def encode_shards_local(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     worker = EncoderWorker(cfg.encoder, device, cfg.encoder_threads or torch.get_num_threads())
     batch = cfg.batch_size or (256 if device == "cuda" else 32)
-    threads = cfg.decode_tasks or (max(1, (os.cpu_count() or 1) - 1) if device == "cuda" else 1)
+    threads = cfg.decode_tasks or (max(1, usable_cpus() - 1) if device == "cuda" else 1)
     queue = [(u, s, min(s + batch, u["stop"])) for u in todo for s in range(u["start"], u["stop"], batch)]
 
     def decode(i: int, pool: ThreadPoolExecutor):

@@ -201,7 +201,7 @@ def lr_at(cfg: TrainConfig, step: int, end: int | None = None) -> float:
     f > 0 the last n = round(f * end) steps fall linearly towards 0, ``lr * (end - step) / n``
     (warm-up, stable, decay: the final decay buys most of what a cosine schedule gives, and the stable
     part does not depend on where the run ends). Where warm-up and decay overlap (a short run), the
-    smaller factor holds, so the lr never rises inside the decay.
+    smaller factor holds, so the lr never exceeds the decay line.
     """
     end = cfg.steps if end is None else end
     factor = 1.0

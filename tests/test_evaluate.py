@@ -120,6 +120,9 @@ def test_compute_metrics_perfect_and_ignoring_generators():
     # point on the sphere's surface counts rests on rounding)
     assert r["feature_precision"] == 1.0 and r["feature_recall"] >= 0.5  # the 50 conditioning items at least
     assert r0["feature_precision"] == 1.0 and r0["feature_recall"] <= 0.01
+    # too few samples for k=3 radii (2 items x 1 sample): reported absent, the rest still computed
+    r2 = ev.compute_metrics(predict, perfect[:2, :1], held, pool, 2, "cosine", CLASSES, seed=0)
+    assert r2["feature_precision"] == r2["feature_recall"] == "absent" and r2["retrieval_top1"] == 1.0
 
 
 def test_inception_metrics_with_a_weights_file(tmp_path):
@@ -211,6 +214,8 @@ def test_mismatched_bank_is_refused(world, tmp_path):
 def test_config_rejects_items_beyond_pool():
     with pytest.raises(ValueError, match="must not exceed retrieval_pool"):
         ev.EvaluateConfig(n_items=10, retrieval_pool=5)
+    with pytest.raises(ValueError, match="n_items must be at least 2"):
+        ev.EvaluateConfig(n_items=1)
 
 
 def test_uint8_encoding_matches_preprocess(world):

@@ -97,6 +97,16 @@ def test_pixel_limit_checked_before_decoding():
         images.open_image(data, max_pixels=5000)
 
 
+def test_max_pixels_governs_and_pils_hard_limit_still_holds(monkeypatch):
+    # with PIL's warning threshold at 100 pixels: 150 pixels (a warning in PIL) decode when max_pixels
+    # allows them; over twice the threshold PIL itself refuses, and the error says so
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert images.open_image(_bytes(Image.new("L", (15, 10)), "PNG"), max_pixels=10**6).size == (15, 10)
+    with pytest.raises(images.ImageError, match="decompression bomb refused"):
+        images.open_image(_bytes(Image.new("L", (30, 10)), "PNG"), max_pixels=10**6)
+
+
 def test_grid_layout():
     imgs = torch.zeros(5, 3, 4, 4, dtype=torch.uint8)
     imgs[3] = 7

@@ -537,7 +537,7 @@ def test_lr_schedule_closed_form():
     assert lrs[15:] == [5 / 5, 4 / 5, 3 / 5, 2 / 5, 1 / 5]  # lr * (end - step) / n
     assert lr_at(cfg, 7, end=8) == 1 / 2  # round(0.25 * 8) = 2 decay steps
     assert [lr_at(TrainConfig(lr=1.0, steps=20), s) for s in (0, 19)] == [1.0, 1.0]
-    # warm-up and decay overlap in a short run: the smaller factor, so the lr never rises in the decay
+    # warm-up and decay overlap in a short run: the smaller factor, never above the decay line
     short = TrainConfig(lr=1.0, warmup_steps=10, steps=12, decay_fraction=0.5)  # decay over steps 6..11
     assert [lr_at(short, s) for s in range(4, 12)] == pytest.approx(
         [0.5, 0.6, 0.7, 0.8, 4 / 6, 3 / 6, 2 / 6, 1 / 6]  # min((step + 1) / 10, (12 - step) / 6)
