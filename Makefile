@@ -92,9 +92,11 @@ features: SETS = $(call set,encoder.name,$(ENCODER)) \
 features: setup weights $(if $(DATA),,prepare-data)
 	$(PY) -m stages.features --config $(FEATURES_CONFIG) $(SET_ARGS) $(ARGS)
 
-# Stage two (torchrun; gloo on CPU, nccl on GPU). Without SHARDS it trains on the embedded default's
-# shards, running stage one first when they are missing.
-CONFIG ?= configs/train/tiny.yaml
+# Stage two (torchrun; gloo on CPU, nccl on GPU). With the default CONFIG and no SHARDS it trains on the
+# embedded default's shards, running stage one first when they are missing. The config and the shards
+# are checked in one process (--check) before torchrun starts its workers.
+DEFAULT_CONFIG := configs/train/tiny.yaml
+CONFIG ?= $(DEFAULT_CONFIG)
 DEFAULT_SHARDS := runs/features/mobilenet_v2/train
 MASTER_PORT ?= 29500
 TORCHRUN = $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) \
@@ -102,8 +104,10 @@ TORCHRUN = $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) \
 train: SETS = $(call set,data.shards,$(SHARDS)) $(call set,out,$(OUT)) $(call set,steps,$(STEPS)) \
 	$(call set,data.batch_size,$(BATCH)) $(call set,ckpt_every,$(CKPT_EVERY)) $(call set,seed,$(SEED)) \
 	$(call set,resume,$(RESUME))
+WORLD_SIZE = $(if $(NNODES),$$(( $(NPROC) * $(NNODES) )),$(NPROC))
 train: setup
-	$(if $(SHARDS),,test -f $(DEFAULT_SHARDS)/manifest.json || $(MAKE) --no-print-directory features ENCODER=mobilenet_v2 OUT= DATA= ARGS=)
+	$(if $(or $(SHARDS),$(filter-out $(DEFAULT_CONFIG),$(CONFIG)),$(findstring data.shards,$(ARGS))),,test -f $(DEFAULT_SHARDS)/manifest.json || $(MAKE) --no-print-directory features ENCODER=mobilenet_v2 OUT= DATA= ARGS=)
+	$(PY) -m stages.train --check $(WORLD_SIZE) --config $(CONFIG) $(SET_ARGS) $(ARGS)
 	$(TORCHRUN) -m stages.train --config $(CONFIG) $(SET_ARGS) $(ARGS)
 
 # Sampling stages.

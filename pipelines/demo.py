@@ -287,12 +287,33 @@ def write_report(out: Path, metrics: dict[str, Any], cfg: DemoConfig, train_info
 # --- the pipeline -------------------------------------------------------------------------------------
 
 
+def check_same_settings(path: Path, now: dict[str, Any]) -> None:
+    """Refuse to resume into ``path``'s folder with other settings: its finished steps would be skipped
+    and the report would show results made with the old ones. Keys one side lacks (a newer version's)
+    and ``out`` itself are not compared."""
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    changed = [
+        f"{key} {before[key]!r} -> {value!r}"
+        for key, value in now.items()
+        if key != "out" and key in before and json.loads(json.dumps(value)) != before[key]
+    ]
+    if changed:
+        sys.exit(
+            f"[demo] {path.parent} was made with other settings ({'; '.join(changed)}): its finished steps "
+            "would be skipped and the report would show the old results. Use --set out=<another folder>, "
+            f"or delete {path.parent} to start over"
+        )
+
+
 def run(cfg: DemoConfig) -> dict[str, Any]:
     t_start = time.time()
     out = Path(cfg.out).resolve()
     data = Path(cfg.data).resolve()
     feats = out / "features"
     out.mkdir(parents=True, exist_ok=True)
+    check_same_settings(out / "demo_config.json", to_dict(cfg))
     (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     steps = Steps(out)
     s = cfg.sampler

@@ -126,9 +126,18 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors have many types
+        if "Weights only load failed" in str(e):  # torch's advice to load it unsafely is left out
+            lines = [line.strip() for line in str(e).splitlines()]
+            detail = next((line for line in lines if line.startswith("Unsupported")), "")
+            raise CheckpointError(
+                f"{url} is refused: it holds objects other than tensors and plain containers, or is not a "
+                f"checkpoint at all{f' ({detail})' if detail else ''}; reading it otherwise could run code "
+                "from the file"
+            ) from None
+        first = (str(e).splitlines() or [""])[0]
         raise CheckpointError(
-            f"{url} is not a loadable weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "files that need arbitrary code to load are refused"
+            f"{url} is not a readable checkpoint ({type(e).__name__}: {first}): not a file torch.save wrote, "
+            "or a truncated one"
         ) from None
 
 

@@ -287,13 +287,16 @@ def load_config(
     if path is not None and data is not None:
         raise ValueError("give a path or data, not both")
     source = str(path) if path is not None else "<dict>"
+    overrides = list(overrides)
+    if overrides:  # a bad value may come from either
+        source += " with --set " + " ".join(overrides)
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist")
         raw = read_yaml(path)
     else:
         raw = dict(data or {})
-    merged = apply_overrides(cls, raw, list(overrides))
+    merged = apply_overrides(cls, raw, overrides)
     return from_dict(cls, merged, source=source)
 
 

@@ -104,6 +104,21 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
+def _umask() -> int:
+    """The process umask: from /proc (Linux; a read, safe beside other threads), else by setting it and
+    setting it straight back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_local_path(url: str) -> Iterator[str]:
     """A local file path to write the contents of ``url`` to; on normal exit it becomes ``url`` whole.
@@ -119,6 +134,7 @@ def atomic_local_path(url: str) -> Iterator[str]:
         os.makedirs(folder, exist_ok=True)
     name = os.path.basename((local or url).rstrip("/"))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=folder)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: publish with the mode open() would give
     os.close(fd)
     try:
         yield tmp

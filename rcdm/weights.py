@@ -451,17 +451,35 @@ restricted_pickle.__version__ = "1.0"  # type: ignore[attr-defined]
 
 
 def load_checkpoint(path: str | os.PathLike, loader: Literal["weights_only", "restricted"]) -> Any:
-    """Read a checkpoint on CPU without executing pickled code (see the module docstring)."""
-    if loader == "weights_only":
-        try:
+    """Read a checkpoint on CPU without executing pickled code (see the module docstring).
+
+    Raises WeightsError for a file that is not a readable checkpoint (truncated by an interrupted
+    download, say) or that holds objects the loader refuses.
+    """
+    if loader not in ("weights_only", "restricted"):
+        raise ValueError(f"unknown loader '{loader}': expected 'weights_only' or 'restricted'")
+    try:
+        if loader == "weights_only":
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+    except (UnsafePickleError, FileNotFoundError):
+        raise
+    except pickle.UnpicklingError as e:
+        if loader == "weights_only" and "Weights only load failed" in str(e):
             raise WeightsError(
                 f"{path} holds objects other than tensors and containers, so torch.load(weights_only=True) "
                 f"refused it: {e}"
             ) from e
-    if loader == "restricted":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
-    raise ValueError(f"unknown loader '{loader}': expected 'weights_only' or 'restricted'")
+        raise WeightsError(_unreadable(path, e)) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(_unreadable(path, e)) from None
+
+
+def _unreadable(path: str | os.PathLike, e: BaseException) -> str:
+    first = (str(e).splitlines() or [""])[0]
+    return (
+        f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); it is probably truncated or "
+        "corrupt, e.g. by an interrupted download: delete it and fetch it again"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TypeVar
 
@@ -26,11 +27,13 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str | None)
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """The resolved config; exits with a one-line message on a config error, prints it on --dry-run."""
+    """The resolved config; exits (code 2) with a one-line message on a config error, prints it on --dry-run."""
     try:
         cfg = load_config(cls, args.config, args.overrides)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process says it
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         sys.exit(0)

@@ -674,11 +674,39 @@ class Trainer:
         )
 
 
+def check(cfg: TrainConfig, world_size: int) -> int:
+    """Exit code of ``--check``: the batch split for ``world_size`` processes and the shards (manifest,
+    dims, encoder), in this one process, so that a bad run is refused before torchrun starts workers."""
+    try:
+        batch_split(cfg, world_size)
+        shard_set = open_shards(
+            cfg.data.shards,
+            feature_dim=cfg.model.feature_dim,
+            image_size=cfg.model.image_size,
+            encoder=cfg.data.expect_encoder,
+        )
+    except (ConfigError, DataError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(
+        f"train: checked for {world_size} process(es): {shard_set.total} samples in {len(shard_set.urls)} shards "
+        f"at {cfg.data.shards}",
+        flush=True,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n\n")[0])
     add_config_args(parser, DEFAULT_CONFIG)
+    parser.add_argument(
+        "--check", type=int, metavar="NPROC", default=None,
+        help="check the config for NPROC processes and the shards, then exit without training",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cfg = config_from_args(TrainConfig, args)
+    if args.check is not None:
+        sys.exit(check(cfg, args.check))
     info = dist.init()
     code = 1
     try:

@@ -94,9 +94,15 @@ def test_malicious_pickle_is_refused(tmp_path):
     bad = tmp_path / "bad.pt"
     with open(bad, "wb") as f:
         pickle.dump({"model": _Payload(marker)}, f)
-    with pytest.raises(ckpt.CheckpointError, match="refused"):
+    with pytest.raises(ckpt.CheckpointError, match="refused") as e:
         ckpt.load_checkpoint(str(bad))
     assert not marker.exists()
+    assert "weights_only=False" not in str(e.value)  # torch's advice to load it unsafely is not passed on
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="(is refused|is not a readable checkpoint)") as e:
+        ckpt.load_checkpoint(str(text))
+    assert str(text) in str(e.value) and "weights_only=False" not in str(e.value)
 
 
 def test_load_unet_from_our_checkpoint_uses_stored_config_and_ema(tmp_path):

@@ -104,3 +104,24 @@ def test_dry_run_prints_resolved_config(tmp_path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "lr: 0.5" in out and "width: 3" in out and "name: base" in out
+
+
+def test_config_error_exits_2_with_one_line_from_rank_0_only(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from stages.cli import add_config_args, config_from_args
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: base\n")
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, str(path))
+    args = parser.parse_args(["--set", "lr=fast"])
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)  # as torchrun sets it
+        with pytest.raises(SystemExit) as e:
+            config_from_args(Outer, args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        # the value came from --set, and the message says so
+        expected = f"config error: {path} with --set lr=fast: 'lr' must be a number, got 'fast'\n"
+        assert err == (expected if says else "")

@@ -62,6 +62,11 @@ def test_demo_smoke_and_resume(tmp_path):
     again = json.loads((out / "metrics.json").read_text())
     assert again["minutes"] == m["minutes"] and again["class_agreement"] == m["class_agreement"]
 
+    # other settings into the same folder are refused: the skipped steps would report the old results
+    changed = subprocess.run([*cmd, "n_items=8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 1 and "n_items 6 -> 8" in changed.stderr, changed.stderr[-2000:]
+    assert json.loads((out / "demo_config.json").read_text())["n_items"] == 6  # left as it was
+
 
 def test_time_box_and_precision_resolution(monkeypatch):
     from rcdm import dist

@@ -340,6 +340,25 @@ def test_errors_before_training_are_clear(tmp_path):
         Trainer(tiny_config(str(tmp_path / "none"), str(tmp_path / "o")), _single())
 
 
+def test_check_refuses_in_one_process_what_the_workers_would(tmp_path, capsys):
+    # `make train` runs `--check NPROC` before torchrun: the same refusals, one line each, no training
+    from stages.train import check, main
+
+    feats = str(tmp_path / "feats")
+    write_feature_set(feats, [4, 4])
+    out = str(tmp_path / "o")
+    assert check(tiny_config(feats, out, "model.feature_dim=8"), 2) == 0
+    assert "8 samples in 2 shards" in capsys.readouterr().out and not storage.exists(out)
+    assert check(tiny_config(feats, out, "model.feature_dim=8"), 3) == 2  # batch 8 over 3 processes
+    assert "not divisible by the 3 processes" in capsys.readouterr().err
+    assert check(tiny_config(feats, out, "model.feature_dim=1280"), 2) == 2
+    assert "8-d features (expected 1280-d)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(REPO / "configs/train/tiny.yaml"), "--check", "2", "--set",
+              *run_args(str(tmp_path / "none"), out)])  # fmt: skip
+    assert e.value.code == 2 and "no manifest.json" in capsys.readouterr().err
+
+
 def _single():
     from rcdm import dist
 

@@ -217,3 +217,18 @@ def test_unknown_classes_become_inert_stubs(tmp_path, monkeypatch):
     assert torch.equal(out["w"], torch.ones(3))
     assert isinstance(out["meta"], PickleStub) and out["meta"].state == {"phase": 7, "items": [1, 2]}
     assert "vissl_fake_pkg.NotInstalled" in repr(out["meta"])
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_truncated_file_is_named_as_such(tmp_path, zipped):
+    # e.g. an interrupted manual download of a file with no published hash
+    path = tmp_path / "ckpt.pth"
+    torch.save({"w": torch.randn(64, 64)}, path, _use_new_zipfile_serialization=zipped)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for loader in ("weights_only", "restricted"):
+        with pytest.raises(
+            WeightsError, match=r"is not a readable checkpoint .*truncated or corrupt.*fetch it"
+        ):
+            load_checkpoint(path, loader)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pth", "weights_only")
