@@ -601,6 +601,12 @@ class Trainer:
                 why = "a stop signal" if flags[1] else f"the time limit of {limit} minutes"
                 if info.is_main:
                     print(f"stopping at step {self.step} on {why}", flush=True)
+                    if flags[2] and self.plans_end() and not self.end_planned:
+                        print(
+                            f"note: the time box ended before its end step was planned (after "
+                            f"{SPEED_SKIP + SPEED_STEPS} steps), so the learning rate did not decay",
+                            flush=True,
+                        )
                 self.save()
                 return 0
             loss, mse, vb = self.train_step(batches)

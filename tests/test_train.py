@@ -447,12 +447,18 @@ def test_channels_last_trains_the_same_model(tmp_path):
     assert model.input_blocks[0][0].weight.is_contiguous()
 
 
-def test_time_limit_stops_with_a_checkpoint(tmp_path):
+def test_time_limit_stops_with_a_checkpoint(tmp_path, capsys):
     feats = str(tmp_path / "feats")
     write_feature_set(feats, [8])
     out = str(tmp_path / "run")
     assert Trainer(tiny_config(feats, out, "steps=50", "time_limit_minutes=0.0"), _single()).run() == 0
     assert [s for s, _ in checkpoint.list_checkpoints(out)] == [0]
+    assert "learning rate did not decay" not in capsys.readouterr().out  # no decay asked for
+    cfg = tiny_config(
+        feats, str(tmp_path / "run2"), "steps=50", "time_limit_minutes=0.0", "decay_fraction=0.2"
+    )
+    assert Trainer(cfg, _single()).run() == 0
+    assert "the time box ended before its end step was planned" in capsys.readouterr().out
 
 
 def test_batch_split_and_seeds():
