@@ -201,15 +201,19 @@ def inception_score(logits: Tensor) -> float:
     return float(kl.mean().exp())
 
 
-def _as_float64(x: Tensor | np.ndarray) -> Tensor:
-    return (x.detach().cpu() if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))).double()
+def _as_tensor(x: Tensor | np.ndarray, device: torch.device) -> Tensor:
+    """Float64 on the CPU (exact enough for closed-form checks); float32 on accelerators."""
+    t = x.detach() if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
+    return t.to(device, torch.float64 if device.type == "cpu" else torch.float32)
 
 
-def manifold_radii(feats: Tensor | np.ndarray, k: int = 3, chunk: int = 1024) -> Tensor:
-    """r_k (N,) float64: the Euclidean distance from each of feats (N, D) to its k-th nearest other point.
+def manifold_radii(
+    feats: Tensor | np.ndarray, k: int = 3, chunk: int = 1024, device: str | torch.device = "cpu"
+) -> Tensor:
+    """r_k (N,) on ``device``: the Euclidean distance from each of feats (N, D) to its k-th nearest other point.
 
-    Rows go ``chunk`` at a time: memory of a few chunk x N float64 blocks (about 1.2 GB for 50,000 points)."""
-    x = _as_float64(feats)
+    Rows go ``chunk`` at a time: memory of a few chunk x N blocks (about 1.2 GB for 50,000 points in float64)."""
+    x = _as_tensor(feats, torch.device(device))
     if x.ndim != 2 or x.shape[0] <= k:
         raise ValueError(f"the k-NN radii need more than k={k} points (N, D), got shape {tuple(x.shape)}")
     # column 0 of each sorted row is the point itself (distance 0), column k its k-th neighbour
@@ -221,15 +225,19 @@ def manifold_radii(feats: Tensor | np.ndarray, k: int = 3, chunk: int = 1024) ->
 def inside_manifold(
     queries: Tensor | np.ndarray, points: Tensor | np.ndarray, radii: Tensor, chunk: int = 1024
 ) -> Tensor:
-    """(Q,) bool: query q lies in the ball of some point p, ||q - p|| <= r(p)."""
-    q, p = _as_float64(queries), _as_float64(points)
+    """(Q,) bool on radii's device: query q lies in the ball of some point p, ||q - p|| <= r(p)."""
+    q, p = _as_tensor(queries, radii.device), _as_tensor(points, radii.device)
     return torch.cat(
         [(torch.cdist(q[i : i + chunk], p) <= radii).any(dim=1) for i in range(0, len(q), chunk)]
     )
 
 
-def precision_recall(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = 3) -> tuple[float, float]:
-    """(precision, recall) of generated features ``fake`` (M, D) against real features ``real`` (N, D)."""
-    precision = inside_manifold(fake, real, manifold_radii(real, k)).double().mean()
-    recall = inside_manifold(real, fake, manifold_radii(fake, k)).double().mean()
+def precision_recall(
+    real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = 3, device: str | torch.device = "cpu"
+) -> tuple[float, float]:
+    """(precision, recall) of generated features ``fake`` (M, D) against real features ``real`` (N, D).
+
+    ``device="cuda"`` computes the distances there in float32 (large sets: 50,000 Inception features)."""
+    precision = inside_manifold(fake, real, manifold_radii(real, k, device=device)).double().mean()
+    recall = inside_manifold(real, fake, manifold_radii(fake, k, device=device)).double().mean()
     return float(precision), float(recall)

@@ -297,11 +297,13 @@ def compute_metrics(
 PR_K = 3  # the k of the k-NN manifolds of precision and recall (the ADM evaluator's)
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor) -> tuple[float | str, float | str]:
+def precision_recall(
+    real: torch.Tensor, fake: torch.Tensor, device: str | torch.device = "cpu"
+) -> tuple[float | str, float | str]:
     """Improved precision and recall with k = PR_K, or "absent" for sets too small for k-NN radii."""
     if min(len(real), len(fake)) <= PR_K:
         return ABSENT, ABSENT
-    return metrics.precision_recall(real, fake, k=PR_K)
+    return metrics.precision_recall(real, fake, k=PR_K, device=device)
 
 
 # --- Inception FID / IS (optional, offline) --------------------------------------------------------
@@ -340,7 +342,9 @@ def inception_metrics(samples: torch.Tensor, reference: torch.Tensor, weights: s
 
     f_s, logits = run(samples)
     f_r, _ = run(reference)
-    precision, recall = precision_recall(f_r, f_s)
+    precision, recall = precision_recall(
+        f_r, f_s, device
+    )  # ImageNet-scale sets: on the GPU where there is one
     return {
         "inception_fid": metrics.frechet_distance(f_s, f_r),
         "inception_score": metrics.inception_score(logits),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rcdm import metrics
 from rcdm.config import load_config
 from rcdm.diffusion import DiffusionConfig, build_diffusion
 from rcdm.samplers import sample, sample_seed
@@ -115,3 +116,13 @@ def test_rcdm128_preset_runs_on_cuda_in_bf16():
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) == len(list(model.parameters()))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_precision_recall_on_cuda_matches_the_cpu():
+    # float32 distances on the GPU against float64 on the CPU: same verdicts away from ties
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(3000, 64, generator=g), 1.1 * torch.randn(2000, 64, generator=g) + 0.2
+    cpu = metrics.precision_recall(real, fake)
+    gpu = metrics.precision_recall(real, fake, device="cuda")
+    assert 0.05 < cpu[0] < 0.99 and 0.05 < cpu[1] < 0.99  # a case that is neither trivial nor empty
+    assert gpu == pytest.approx(cpu, abs=2e-3)  # at most a few points on a sphere's surface may flip
