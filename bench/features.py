@@ -45,7 +45,7 @@ from bench.machine import cpu_model  # noqa: E402
 from rcdm import images  # noqa: E402
 from rcdm.encoders import load_encoder  # noqa: E402
 from rcdm.sources import list_source  # noqa: E402
-from stages.features import EncoderChoice, FeaturesConfig, decode_batch, run  # noqa: E402
+from stages.features import EncoderChoice, FeaturesConfig, decode_parallel, run  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -83,16 +83,14 @@ def encoder_alone(name: str, input_size: int, batch: int, n: int, threads: int, 
 
 def decode_alone(data: Path, input_size: int, batch: int, threads: int) -> float:
     """img/s of the stage's decoding (read, decode, ADM crop at 128 + encoder crop) on its own, each batch
-    split over ``threads`` threads as engine=local does (Pillow releases the GIL while it decodes)."""
+    split over ``threads`` threads by engine=local's own ``decode_parallel``."""
     from concurrent.futures import ThreadPoolExecutor
 
     inputs = list(list_source(str(data)))
-    step = -(-batch // threads)
-    runs = [inputs[i : i + step] for i in range(0, len(inputs), step)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(lambda run: decode_batch(run, 128, input_size, images.DEFAULT_MAX_PIXELS), runs):
-            pass
+        for i in range(0, len(inputs), batch):
+            decode_parallel(inputs[i : i + batch], pool, threads, 128, input_size, images.DEFAULT_MAX_PIXELS)
     return len(inputs) / (time.perf_counter() - t0)
 
 

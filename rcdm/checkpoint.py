@@ -29,6 +29,7 @@ from rcdm import storage
 from rcdm.config import from_dict, load_config, preset_path
 from rcdm.diffusion import DiffusionConfig
 from rcdm.ema import rate_key
+from rcdm.weights import load_failure
 
 FORMAT = "rcdm-checkpoint/1"
 CKPT_DIR = "checkpoints"
@@ -126,19 +127,7 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors have many types
-        if "Weights only load failed" in str(e):  # torch's advice to load it unsafely is left out
-            lines = [line.strip() for line in str(e).splitlines()]
-            detail = next((line for line in lines if line.startswith("Unsupported")), "")
-            raise CheckpointError(
-                f"{url} is refused: it holds objects other than tensors and plain containers, or is not a "
-                f"checkpoint at all{f' ({detail})' if detail else ''}; reading it otherwise could run code "
-                "from the file"
-            ) from None
-        first = (str(e).splitlines() or [""])[0]
-        raise CheckpointError(
-            f"{url} is not a readable checkpoint ({type(e).__name__}: {first}): not a file torch.save wrote, "
-            "or a truncated one"
-        ) from None
+        raise CheckpointError(load_failure(url, e)) from None
 
 
 # --- released RCDM weights ------------------------------------------------------------------------

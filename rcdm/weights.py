@@ -466,20 +466,27 @@ def load_checkpoint(path: str | os.PathLike, loader: Literal["weights_only", "re
             return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except (UnsafePickleError, FileNotFoundError):
         raise
-    except pickle.UnpicklingError as e:
-        if loader == "weights_only" and "Weights only load failed" in str(e):
-            raise WeightsError(
-                f"{path} holds objects other than tensors and containers, so torch.load(weights_only=True) "
-                f"refused it: {e}"
-            ) from e
-        raise WeightsError(_unreadable(path, e)) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(_unreadable(path, e)) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = load_failure(path, e)
+        if "Weights only load failed" not in str(e):  # unreadable rather than refused
+            reason += "; if it was downloaded, delete it and fetch it again"
+        raise WeightsError(reason) from None
 
 
-def _unreadable(path: str | os.PathLike, e: BaseException) -> str:
-    first = (str(e).splitlines() or [""])[0]
+def load_failure(source: str | os.PathLike, e: BaseException) -> str:
+    """Why ``torch.load`` could not read ``source``, without torch's advice to unpickle it unsafely."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        detail = next(
+            (line.strip() for line in text.splitlines() if line.strip().startswith("Unsupported")), ""
+        )
+        return (
+            f"{source} is refused by torch.load(weights_only=True): it holds objects other than tensors and plain "
+            f"containers, or is not a checkpoint at all{f' ({detail})' if detail else ''}; reading it otherwise "
+            "could run code from the file"
+        )
+    first = (text.splitlines() or [""])[0]
     return (
-        f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); it is probably truncated or "
-        "corrupt, e.g. by an interrupted download: delete it and fetch it again"
+        f"{source} is not a readable checkpoint ({type(e).__name__}: {first}): not a file torch.save wrote, "
+        "or a truncated or corrupt one"
     )

@@ -188,6 +188,11 @@ def check_consistency(enc: Encoder, bank: FeatureBank, manifest: dict, image_siz
 # --- sampling and encoding ------------------------------------------------------------------------
 
 
+def sampling_precision(cfg: EvaluateConfig, device: str) -> str:
+    """The precision sampling runs in: bf16 falls back to fp32 where the device has no native bf16."""
+    return "bf16" if cfg.precision == "bf16" and native_bf16(torch.device(device)) else "fp32"
+
+
 def draw_samples(
     model, diffusion, feats: torch.Tensor, image_size: int, cfg: EvaluateConfig, device: str
 ) -> torch.Tensor:
@@ -197,7 +202,7 @@ def draw_samples(
     size, channels = image_size, model.cfg.in_channels
     out = []
     t0 = time.time()
-    bf16 = cfg.precision == "bf16" and native_bf16(torch.device(device))
+    bf16 = sampling_precision(cfg, device) == "bf16"
     if cfg.precision == "bf16" and not bf16:
         print(f"note: precision bf16: this {device} has no native bf16; sampling in fp32", flush=True)
     for b in range(0, len(pairs), cfg.batch_size):
@@ -342,9 +347,8 @@ def inception_metrics(samples: torch.Tensor, reference: torch.Tensor, weights: s
 
     f_s, logits = run(samples)
     f_r, _ = run(reference)
-    precision, recall = precision_recall(
-        f_r, f_s, device
-    )  # ImageNet-scale sets: on the GPU where there is one
+    # ImageNet-scale sets: the k-NN distances on the GPU where there is one
+    precision, recall = precision_recall(f_r, f_s, device)
     return {
         "inception_fid": metrics.frechet_distance(f_s, f_r),
         "inception_score": metrics.inception_score(logits),
@@ -464,11 +468,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     storage.write_bytes_atomic(storage.join(cfg.out, npz_name), buf.getvalue())
     storage.write_text_atomic(storage.join(cfg.out, "evaluate_config.yaml"), to_yaml(cfg))
 
-    # the precision sampling ran in: bf16 falls back to fp32 where the device has no native bf16
-    precision = "bf16" if cfg.precision == "bf16" and native_bf16(torch.device(device)) else "fp32"
     result.update(
         n_items=n, samples_per_item=s, n_samples=n * s, num_classes=num_classes, k=cfg.k, metric=cfg.metric,
-        sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, seed=cfg.seed, precision=precision,
+        sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, seed=cfg.seed, precision=sampling_precision(cfg, device),
         checkpoint=info["source"], step=info.get("step"), encoder=enc.key, heldout=cfg.heldout, bank=cfg.bank,
         samples_npz=npz_name, samples_grid="samples.png", seconds=round(time.time() - t0, 1),
     )  # fmt: skip

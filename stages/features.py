@@ -522,6 +522,25 @@ def encode_shards(
 # --- the in-process engine ------------------------------------------------------------------------
 
 
+def decode_parallel(
+    inputs: list[Input],
+    pool: ThreadPoolExecutor,
+    threads: int,
+    image_size: int,
+    encoder_size: int,
+    max_pixels: int,
+) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
+    """``decode_batch`` of ``inputs`` split into one contiguous run per thread of ``pool``, put back together
+    in input order (Pillow releases the GIL while it decodes and resizes)."""
+    step = -(-len(inputs) // threads)
+    runs = [inputs[j : j + step] for j in range(0, len(inputs), step)]
+    parts = list(pool.map(lambda run: decode_batch(run, image_size, encoder_size, max_pixels), runs))
+    if len(parts) == 1:
+        return parts[0]
+    crops = np.concatenate([p[0] for p in parts])
+    return crops, [r for p in parts for r in p[1]], [e for p in parts for e in p[2]]
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask, e.g. a container's share), else all."""
     try:
@@ -544,16 +563,10 @@ def encode_shards_local(
     queue = [(u, s, min(s + batch, u["stop"])) for u in todo for s in range(u["start"], u["stop"], batch)]
 
     def decode(i: int, pool: ThreadPoolExecutor):
-        """Batch i, its inputs split into one contiguous run per thread, put back together in order."""
         _, start, stop = queue[i]
-        inputs = source.slice(start, stop)
-        step = -(-len(inputs) // threads)
-        runs = [inputs[j : j + step] for j in range(0, len(inputs), step)]
-        parts = list(pool.map(lambda run: decode_batch(run, cfg.image_size, enc_size, cfg.max_pixels), runs))
-        if len(parts) == 1:
-            return parts[0]
-        crops = np.concatenate([p[0] for p in parts])
-        return crops, [r for p in parts for r in p[1]], [e for p in parts for e in p[2]]
+        return decode_parallel(
+            source.slice(start, stop), pool, threads, cfg.image_size, enc_size, cfg.max_pixels
+        )
 
     markers: list[dict] = []
     parts: tuple[list, list, list] = ([], [], [])

@@ -170,17 +170,22 @@ def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
     return per_rank, micro, per_rank // micro
 
 
+def open_run_shards(cfg: TrainConfig) -> ShardSet:
+    """The run's shard set, checked against the model's feature dim and image size and the expected encoder."""
+    return open_shards(
+        cfg.data.shards,
+        feature_dim=cfg.model.feature_dim,
+        image_size=cfg.model.image_size,
+        encoder=cfg.data.expect_encoder,
+    )
+
+
 def preflight(cfg: TrainConfig, info: dist.DistInfo) -> ShardSet:
     """Rank 0 reads and checks the manifest and the shard list; every rank gets the same answer."""
     result: ShardSet | str | None = None
     if info.is_main:
         try:
-            result = open_shards(
-                cfg.data.shards,
-                feature_dim=cfg.model.feature_dim,
-                image_size=cfg.model.image_size,
-                encoder=cfg.data.expect_encoder,
-            )
+            result = open_run_shards(cfg)
         except (DataError, ManifestError) as e:
             result = str(e)
     result = dist.broadcast_object(result, info)
@@ -208,10 +213,15 @@ def lr_at(cfg: TrainConfig, step: int, end: int | None = None) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         factor = (step + 1) / cfg.warmup_steps
     if cfg.decay_fraction > 0:
-        n = max(1, round(cfg.decay_fraction * end))
+        n = decay_steps(cfg, end)
         if step >= end - n:
             factor = min(factor, max(end - step, 0) / n)
     return cfg.lr * factor
+
+
+def decay_steps(cfg: TrainConfig, end: int) -> int:
+    """n = round(decay_fraction * end), at least 1: the steps over which the lr falls to 0."""
+    return max(1, round(cfg.decay_fraction * end))
 
 
 # The time-boxed run measures its speed over these steps (after the first few, which are slow) to place
@@ -643,7 +653,7 @@ class Trainer:
             per_step, left = (v / self.info.world_size for v in sums)
             self.end_step, self.end_planned = planned_end(self.step, per_step, left, self.cfg.steps), True
             if self.info.is_main:
-                start = self.end_step - max(1, round(self.cfg.decay_fraction * self.end_step))
+                start = self.end_step - decay_steps(self.cfg, self.end_step)
                 print(
                     f"time box: {per_step:.3f} s/step, so the run ends at step {self.end_step}; the learning "
                     f"rate falls linearly to 0 from step {max(start, self.step)}",
@@ -685,12 +695,7 @@ def check(cfg: TrainConfig, world_size: int) -> int:
     dims, encoder), in this one process, so that a bad run is refused before torchrun starts workers."""
     try:
         batch_split(cfg, world_size)
-        shard_set = open_shards(
-            cfg.data.shards,
-            feature_dim=cfg.model.feature_dim,
-            image_size=cfg.model.image_size,
-            encoder=cfg.data.expect_encoder,
-        )
+        shard_set = open_run_shards(cfg)
     except (ConfigError, DataError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
